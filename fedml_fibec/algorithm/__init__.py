@@ -1,0 +1,28 @@
+"""FibecFed in pure torch: Fisher difficulty, curriculum, layer selection, sparse update, aggregation.
+
+Nothing here imports fedml or the rest of the package, so it can be tested and reused on its own.
+"""
+from .aggregate import PayloadError, check_payload, payload_bytes, weighted_average
+from .curriculum import curriculum_batches, curriculum_size, easiest_first, local_batches, pacing
+from .fisher import embedding_fisher_scores, lora_fisher_scores, per_sample_fisher_scores, score_dataset
+from .layer_selection import (
+    grad_sensitivity_layer_scores,
+    perturbation_layer_scores,
+    select_gal,
+    weighted_mean_scores,
+)
+from .sparse import (
+    SparseUpdate,
+    accumulate_squared_grads,
+    momentum_update,
+    neuron_scores,
+    select_top_neurons,
+)
+
+__all__ = [
+    "PayloadError", "check_payload", "payload_bytes", "weighted_average",
+    "curriculum_batches", "curriculum_size", "easiest_first", "local_batches", "pacing",
+    "embedding_fisher_scores", "lora_fisher_scores", "per_sample_fisher_scores", "score_dataset",
+    "grad_sensitivity_layer_scores", "perturbation_layer_scores", "select_gal", "weighted_mean_scores",
+    "SparseUpdate", "accumulate_squared_grads", "momentum_update", "neuron_scores", "select_top_neurons",
+]

@@ -1,0 +1,156 @@
+"""From a source to per-device encoded data and FedML's 8-element dataset list."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedml_fibec.data.encode import EncodedSet, encode
+from fedml_fibec.data.partition import partition_indices
+from fedml_fibec.data.sources import TextTable, load_builtin, load_files, load_hub
+from fedml_fibec.data.split import stratified_split, stratified_subsample
+from fedml_fibec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("builtin", "files", "hub")
+
+
+@dataclass
+class DeviceData:
+    """One device's examples; FedML hands this to the trainer, so it carries the device id (-1 = global)."""
+
+    device_id: int
+    data: EncodedSet
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
+@dataclass
+class FederatedData:
+    """Per-device training sets, the global test set and the class names."""
+
+    train: list[DeviceData]
+    test: EncodedSet
+    num_classes: int
+    label_names: list[str]
+
+    @property
+    def train_num(self) -> int:
+        """Total number of training examples over all devices."""
+        return sum(len(d) for d in self.train)
+
+    def stats(self) -> dict[str, Any]:
+        """Per-device sizes and label counts plus a summary, JSON-serialisable (for the log)."""
+        sizes = [len(d) for d in self.train]
+        counts = [torch.bincount(d.data.labels, minlength=self.num_classes).tolist() for d in self.train]
+        return {
+            "num_devices": len(self.train),
+            "num_classes": self.num_classes,
+            "label_names": list(self.label_names),
+            "train_num": sum(sizes),
+            "test_num": len(self.test),
+            "seq_len": self.test.seq_len,
+            "size_min": min(sizes) if sizes else 0,
+            "size_median": float(np.median(sizes)) if sizes else 0.0,
+            "size_max": max(sizes) if sizes else 0,
+            "train_label_counts": np.sum(counts, axis=0).tolist() if counts else [0] * self.num_classes,
+            "test_label_counts": torch.bincount(self.test.labels, minlength=self.num_classes).tolist(),
+            "device_sizes": sizes,
+            "device_label_counts": counts,
+        }
+
+
+def load_source(
+    *,
+    source: str,
+    dataset: str,
+    cache_dir: str | os.PathLike | None = None,
+    train_file: str | os.PathLike | None = None,
+    test_file: str | os.PathLike | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    hub_config: str | None = None,
+) -> tuple[TextTable, TextTable | None]:
+    """(train, test|None) tables from the named source."""
+    if source == "builtin":
+        return load_builtin(dataset, cache_dir)
+    if source == "files":
+        if train_file is None:
+            raise ConfigError("source 'files' needs key 'train_file' (and optionally 'test_file')")
+        return load_files(train_file, test_file, text_column=text_column, label_column=label_column,
+                          text_pair_column=text_pair_column)
+    if source == "hub":
+        return load_hub(dataset, config_name=hub_config, text_column=text_column, label_column=label_column,
+                        text_pair_column=text_pair_column, cache_dir=cache_dir)
+    raise ConfigError(f"key 'source' must be one of {list(SOURCES)}, got {source!r}")
+
+
+def build_federated_data(
+    *,
+    source: str,
+    dataset: str,
+    tokenizer: Any,
+    max_length: int,
+    num_devices: int,
+    partition_method: str,
+    partition_alpha: float,
+    min_samples_per_device: int,
+    test_fraction: float,
+    seed: int,
+    cache_dir: str | os.PathLike | None = None,
+    train_file: str | os.PathLike | None = None,
+    test_file: str | os.PathLike | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    text_pair_column: str | None = None,
+    hub_config: str | None = None,
+    max_train_samples: int | None = None,
+) -> FederatedData:
+    """Load, split (if no test set), optionally subsample, partition and encode a dataset for num_devices devices."""
+    t0 = time.perf_counter()
+    train, test = load_source(source=source, dataset=dataset, cache_dir=cache_dir, train_file=train_file,
+                              test_file=test_file, text_column=text_column, label_column=label_column,
+                              text_pair_column=text_pair_column, hub_config=hub_config)
+    if test is None:
+        # Depends only on (seed, test_fraction): every method compared under one seed sees the same test set.
+        train, test = stratified_split(train, test_fraction=test_fraction, seed=seed)
+    if max_train_samples is not None:
+        if int(max_train_samples) <= 0:
+            raise ConfigError(f"max_train_samples must be positive or null, got {max_train_samples!r}")
+        train = stratified_subsample(train, int(max_train_samples), seed=seed + 1)
+    parts = partition_indices(np.asarray(train.labels), num_devices, method=partition_method,
+                              alpha=partition_alpha, min_samples=min_samples_per_device, seed=seed + 2)
+    # Encode once and slice: one tokenizer pass instead of one per device.
+    enc_train = encode(train, tokenizer, max_length=max_length)
+    enc_test = encode(test, tokenizer, max_length=max_length)
+    fd = FederatedData(
+        train=[DeviceData(d, enc_train.subset(p)) for d, p in enumerate(parts)],
+        test=enc_test,
+        num_classes=train.num_classes,
+        label_names=list(train.label_names),
+    )
+    st = fd.stats()
+    log.info("data %s/%s: %d train over %d devices (min %d, median %.0f, max %d), %d test, %d classes %s, %.1f s",
+             source, dataset, st["train_num"], st["num_devices"], st["size_min"], st["size_median"],
+             st["size_max"], st["test_num"], fd.num_classes, fd.label_names, time.perf_counter() - t0)
+    return fd
+
+
+def to_fedml_dataset(fd: FederatedData) -> list:
+    """FedML's 8-element dataset list; every loader slot holds a DeviceData (id -1 for the global sets)."""
+    train_global = DeviceData(-1, EncodedSet.concat([d.data for d in fd.train]))
+    test_global = DeviceData(-1, fd.test)
+    train_local_num_dict = {i: len(d) for i, d in enumerate(fd.train)}
+    train_local_dict = {i: d for i, d in enumerate(fd.train)}
+    # Every device is evaluated on the shared global test set (same tensors, no copies).
+    test_local_dict = {i: DeviceData(i, fd.test) for i in range(len(fd.train))}
+    return [fd.train_num, len(fd.test), train_global, test_global, train_local_num_dict,
+            train_local_dict, test_local_dict, fd.num_classes]

@@ -1,0 +1,82 @@
+"""Local training and evaluation steps shared by the device trainer and the server (plain torch)."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..data import EncodedSet
+
+
+def model_inputs(data: EncodedSet, idx, device: torch.device) -> dict[str, torch.Tensor]:
+    """The rows `idx` as model inputs on `device`, without the columns that are padding in every row.
+
+    Padding is on the right, so a batch of short texts runs at its own length, not max_seq_length.
+    """
+    mask = data.attention_mask[idx]
+    length = int(mask.sum(dim=1).max().item())
+    inputs = {"input_ids": data.input_ids[idx][:, :length], "attention_mask": mask[:, :length]}
+    if data.token_type_ids is not None:
+        inputs["token_type_ids"] = data.token_type_ids[idx][:, :length]
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """A fresh local optimizer over the parameters that require grad."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_steps(model: nn.Module, data: EncodedSet, batches: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, *, device: torch.device,
+                max_grad_norm: float = 0.0, bf16: bool = False,
+                after_step: Optional[Callable[[], None]] = None,
+                extra_loss: Optional[Callable[[], torch.Tensor]] = None) -> float:
+    """Run one optimizer step per index batch; return the mean training loss."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = torch.zeros((), device=device)
+    for idx in batches:
+        inputs, y = model_inputs(data, idx, device), data.labels[idx].to(device)
+        with _autocast(device, bf16):
+            logits = model(**inputs).logits
+        loss = nn.functional.cross_entropy(logits.float(), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        if after_step is not None:
+            after_step()
+        total += loss.detach()
+    return float(total.item()) / max(1, len(batches))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: EncodedSet, *, batch_size: int, device: torch.device, bf16: bool = False) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of the model on a set."""
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=device)
+    loss_sum = torch.zeros((), device=device)
+    n = len(data)
+    for start in range(0, n, batch_size):
+        rows = slice(start, start + batch_size)
+        y = data.labels[rows].to(device)
+        with _autocast(device, bf16):
+            logits = model(**model_inputs(data, rows, device)).logits.float()
+        correct += (logits.argmax(dim=-1) == y).sum()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
+    model.train(was_training)
+    return float(correct.item()) / max(1, n), float(loss_sum.item()) / max(1, n)

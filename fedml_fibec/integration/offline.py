@@ -1,0 +1,63 @@
+"""Keep FedML and Hugging Face offline and inside the run's own folder."""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import socket
+from pathlib import Path
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "WANDB_MODE": "disabled",
+    "FEDML_ENV_VERSION": "release",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_offline_environment(fedml_home: Path) -> None:
+    """Offline switches for HF/wandb, and FedML's ~/.fedml files under the run folder.
+
+    Must run before fedml is imported: FedML resolves its home folder from HOME.
+    """
+    os.environ.update(OFFLINE_ENV)
+    fedml_home.mkdir(parents=True, exist_ok=True)
+    os.environ["HOME"] = str(fedml_home)
+
+
+def disable_fedml_cloud() -> None:
+    """Replace FedML's cloud config fetch (5 posts per init, no timeout) with a no-op."""
+    import fedml.core.mlops as core_mlops
+
+    core_mlops.fetch_config = lambda args, version="release": False
+
+
+def _is_local(address) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX paths
+        return True
+    host = address[0]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def guard_outbound_connections(report_path: Path, allowed_hosts: tuple[str, ...] = ()) -> None:
+    """Refuse and record every Python socket connection to a non-local, non-allowed address.
+
+    Turned on by FEDML_FIBEC_NETWORK_GUARD=<file>; tests use it to prove a run opens no outbound
+    connection (Open MPI's own sockets are not Python's and stay on the cluster).
+    """
+    original = socket.socket.connect
+
+    def connect(sock, address):
+        if not _is_local(address) and (not isinstance(address, tuple) or address[0] not in allowed_hosts):
+            with open(report_path, "a") as fh:
+                fh.write(json.dumps({"pid": os.getpid(), "address": list(map(str, address))}) + "\n")
+            raise ConnectionRefusedError(f"fedml-fibec network guard: outbound connection to {address} refused")
+        return original(sock, address)
+
+    socket.socket.connect = connect

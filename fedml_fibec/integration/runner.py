@@ -1,0 +1,280 @@
+"""One federated run over FedML's cross-silo engine: config -> data -> model -> server or client rank.
+
+Under `mpirun -np K+1`, rank 0 is the server and ranks 1..K are client processes; each round the
+server samples K of the `client_num_in_total` devices and each client process serves one of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ..config import RunConfig, dump_yaml, load_config
+from ..errors import ConfigError, FibecError
+from .offline import disable_fedml_cloud, guard_outbound_connections, set_offline_environment
+
+log = logging.getLogger("fedml_fibec")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command line of run_fibec.py."""
+    p = argparse.ArgumentParser(description="Run FibecFed (or FedAvg-LoRA) over FedML. Launch with "
+                                "`mpirun -np <client_num_per_round + 1> python run_scripts/run_fibec.py`.")
+    p.add_argument("--cf", help="YAML config (FedML sections + fibec_args); default: the embedded default")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (flat `comm_round=2` or `train_args.comm_round=2`); repeatable")
+    p.add_argument("--out", help="results folder (default: results/<time>-<method>)")
+    return p.parse_args(argv)
+
+
+class MpiWorld:
+    """Rank, size and collective helpers; a single process when not launched by mpirun."""
+
+    def __init__(self):
+        launched = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"))
+        self.comm = None
+        if launched:
+            from mpi4py import MPI
+
+            self.comm = MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank() if self.comm else 0
+        self.size = self.comm.Get_size() if self.comm else 1
+
+    def bcast(self, value):
+        return self.comm.bcast(value, root=0) if self.comm else value
+
+    def all_ok(self, ok: bool) -> bool:
+        """True when every rank says ok (a collective: every rank must call it)."""
+        if self.comm is None:
+            return ok
+        return all(self.comm.allgather(ok))
+
+    def barrier(self) -> None:
+        if self.comm:
+            self.comm.Barrier()
+
+    def abort(self, code: int) -> None:
+        if self.comm and self.size > 1:
+            self.comm.Abort(code)
+        sys.exit(code)
+
+
+def _default_out_dir(cfg: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("results") / f"{stamp}-{cfg.train_args.federated_optimizer.lower()}"
+
+
+def _setup_logging(out_dir: Path, rank: int, level: str) -> None:
+    logs = out_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler.setFormatter(fmt)
+    file_handler.setLevel(logging.INFO)
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(fmt)
+    # The console shows our progress from the server and warnings from everyone; FedML's chatter
+    # stays in the per-rank files.
+    console.setLevel(logging.WARNING)
+    root.addHandler(file_handler)
+    root.addHandler(console)
+    root.setLevel(logging.INFO)
+    if rank == 0:
+        ours = logging.StreamHandler(sys.stdout)
+        ours.setFormatter(fmt)
+        ours.setLevel(getattr(logging, level))
+        ours.addFilter(lambda record: record.levelno < logging.WARNING)
+        log.addHandler(ours)
+    log.setLevel(getattr(logging, level))
+
+
+def _torch_threads(cfg: RunConfig, world_size: int) -> int:
+    if cfg.device_args.torch_threads:
+        return cfg.device_args.torch_threads
+    return max(1, (os.cpu_count() or 1) // max(1, world_size))
+
+
+def check_world(cfg: RunConfig, world_size: int) -> None:
+    """The process count must be client_num_per_round + 1 (one server, one process per device slot)."""
+    expected = cfg.worker_num + 1
+    if world_size != expected:
+        raise ConfigError(
+            f"{cfg.source}: train_args.client_num_per_round = {cfg.train_args.client_num_per_round} needs "
+            f"{expected} processes (1 server + {cfg.worker_num} clients), but {world_size} were started: "
+            f"run `mpirun -np {expected} ...` or set client_num_per_round={world_size - 1}")
+
+
+def run(cfg: RunConfig, out_dir: Path, world: MpiWorld) -> Optional[dict]:
+    """Run this rank's part of the federated job; the server returns the summary."""
+    import torch
+
+    rank = world.rank
+    torch.set_num_threads(_torch_threads(cfg, world.size))
+    cache_dir = cfg.data_args.data_cache_dir
+    from ..assets import default_cache_dir
+
+    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    state_dir = Path(cfg.fibec_args.state_dir or out_dir / "device_state")
+
+    # Rank 0 fetches/converts assets first; the others then find them cached.
+    from ..models import apply_lora, load_model_and_tokenizer
+
+    if rank == 0:
+        model, tokenizer = _build_model(cfg, cache_dir, apply_lora, load_model_and_tokenizer)
+    world.barrier()
+    if rank != 0:
+        model, tokenizer = _build_model(cfg, cache_dir, apply_lora, load_model_and_tokenizer)
+    fed_data = _build_data(cfg, tokenizer, cache_dir)
+    if rank == 0:
+        log.info("data: %s", json.dumps({k: v for k, v in fed_data.stats().items()
+                                         if not isinstance(v, list)}))
+
+    from .state_store import DeviceStateStore
+
+    store = DeviceStateStore(state_dir)
+    token = world.bcast(uuid.uuid4().hex if rank == 0 else None)
+    if rank == 0:
+        store.write_token(token)
+    world.barrier()
+    store.check_shared(token)
+
+    import fedml
+    from fedml.cross_silo.client import client_initializer
+    from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
+
+    from ..data import to_fedml_dataset
+    from ..metrics import MetricsLog
+    from .aggregator import FibecServerAggregator
+    from .fedml_glue import RoundSampledAggregator, fedml_arguments
+    from .trainer import FibecClientTrainer
+
+    dataset = to_fedml_dataset(fed_data)
+    fedml_rounds = cfg.train_args.comm_round + (1 if _has_scoring_exchange(cfg) else 0)
+    args = fedml_arguments(cfg, rank, world.comm, fedml_rounds=fedml_rounds)
+    fedml.init(args, check_env=False, should_init_logs=False)
+    device = fedml.device.get_device(args)
+    model.to(device)
+    if rank != 0:
+        trainer = FibecClientTrainer(model, args, cfg, store)
+        client_initializer.init_client(args, device, world.comm, rank, cfg.worker_num, model, dataset[0],
+                                       dataset[4], dataset[5], dataset[6], trainer)
+        return None
+    metrics = MetricsLog(out_dir, cfg.train_args.federated_optimizer, cfg.train_args.comm_round)
+    aggregator = FibecServerAggregator(model, args, cfg, fed_data.test, metrics, device)
+    assert aggregator.fedml_rounds == fedml_rounds
+    aggregator.set_id(0)
+    server_side = RoundSampledAggregator(
+        dataset[2], dataset[3], dataset[0], dataset[5], dataset[6], dataset[4], cfg.worker_num, device, args,
+        aggregator, seed=cfg.common_args.random_seed, scoring_exchange=fedml_rounds > cfg.train_args.comm_round)
+    log.info("server on %s: %d rounds (%d FedML exchanges), %d devices, %d per round; results in %s",
+             device, cfg.train_args.comm_round, fedml_rounds, cfg.train_args.client_num_in_total,
+             cfg.train_args.client_num_per_round, out_dir)
+    FedMLServerManager(args, server_side, world.comm, rank, cfg.worker_num, cfg.comm_args.backend).run()
+    return metrics.write_summary(cfg.to_sections(), {"gal": aggregator.gal, "out_dir": str(out_dir),
+                                                     "world_size": world.size})
+
+
+def _has_scoring_exchange(cfg: RunConfig) -> bool:
+    fb = cfg.fibec_args
+    return cfg.train_args.federated_optimizer == "FibecFed" and not (fb.gal_ratio is not None and fb.gal_ratio >= 1)
+
+
+def _build_model(cfg: RunConfig, cache_dir: Path, apply_lora, load_model_and_tokenizer):
+    import torch
+
+    m = cfg.model_args
+    # Every rank builds the same initial model (head and LoRA init) from the run seed.
+    torch.manual_seed(cfg.common_args.random_seed)
+    num_labels = _num_labels(cfg, cache_dir)
+    model, tokenizer = load_model_and_tokenizer(m.model, num_labels, cache_dir=cache_dir)
+    model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                       target_modules=m.lora_target_modules)
+    return model, tokenizer
+
+
+def _num_labels(cfg: RunConfig, cache_dir: Path) -> int:
+    from ..data import load_source
+
+    d = cfg.data_args
+    train, _ = load_source(source=d.data_source, dataset=d.dataset, cache_dir=cache_dir, train_file=d.train_file,
+                           test_file=d.test_file, text_column=d.text_column, label_column=d.label_column,
+                           text_pair_column=d.text_pair_column, hub_config=d.hub_config)
+    return len(train.label_names)
+
+
+def _build_data(cfg: RunConfig, tokenizer, cache_dir: Path):
+    from ..data import build_federated_data
+
+    d, t = cfg.data_args, cfg.train_args
+    return build_federated_data(
+        source=d.data_source, dataset=d.dataset, tokenizer=tokenizer, max_length=d.max_seq_length,
+        num_devices=t.client_num_in_total, partition_method=d.partition_method,
+        partition_alpha=d.partition_alpha, min_samples_per_device=d.min_samples_per_device,
+        test_fraction=d.test_fraction, seed=cfg.common_args.random_seed, cache_dir=cache_dir,
+        train_file=d.train_file, test_file=d.test_file, text_column=d.text_column, label_column=d.label_column,
+        text_pair_column=d.text_pair_column, hub_config=d.hub_config, max_train_samples=d.max_train_samples)
+
+
+def print_result_table(summary: dict) -> None:
+    """A short Markdown table of the run's result, and where the files are."""
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+    print()
+    print("| method | rounds | final acc | best acc | device acc | MB up | MB down | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(f"| {summary['method']} | {summary['rounds']} | {fmt(summary['final_accuracy'], '.4f')} | "
+          f"{fmt(summary['best_accuracy'], '.4f')} | {fmt(summary['final_device_accuracy'], '.4f')} | "
+          f"{summary['total_bytes_up'] / 1e6:.2f} | {summary['total_bytes_down'] / 1e6:.2f} | "
+          f"{summary['wall_seconds']:.0f} |")
+    print(f"\nresults: {summary['out_dir']} (metrics.jsonl, summary.json, logs/)")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of run_fibec.py: validate everything, then run this rank."""
+    ns = parse_args(argv)
+    world = MpiWorld()
+    try:
+        cfg = load_config(ns.cf, ns.overrides)
+        check_world(cfg, world.size)
+    except ConfigError as exc:
+        if world.rank == 0:
+            print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(world.bcast(str(Path(ns.out) if ns.out else _default_out_dir(cfg)) if world.rank == 0 else None))
+    out_dir = out_dir.resolve()
+    if world.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+    world.barrier()
+    set_offline_environment(out_dir / "fedml_home" / f"rank{world.rank}")
+    guard_file = os.environ.get("FEDML_FIBEC_NETWORK_GUARD")
+    if guard_file:
+        guard_outbound_connections(Path(guard_file))
+    _setup_logging(out_dir, world.rank, cfg.tracking_args.log_level)
+    try:
+        disable_fedml_cloud()
+        summary = run(cfg, out_dir, world)
+    except FibecError as exc:
+        log.error("%s", exc)
+        print(f"error (rank {world.rank}): {exc}", file=sys.stderr)
+        world.abort(2)
+        return 2
+    except BaseException:
+        log.error("rank %d failed:\n%s", world.rank, traceback.format_exc())
+        print(f"rank {world.rank} failed; see {out_dir}/logs/rank{world.rank}.log", file=sys.stderr)
+        traceback.print_exc()
+        world.abort(1)
+        return 1
+    if summary is not None:
+        print_result_table(summary)
+    return 0

@@ -1,0 +1,48 @@
+"""Per-device state kept by device id, so any process can serve any device (FIBECFED.md section 5)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..atomic import atomic_write, atomic_write_text
+from ..errors import ConfigError
+
+
+class DeviceStateStore:
+    """One file per device under `root`, written atomically (temp file, then rename)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, device_id: int) -> Path:
+        """File holding a device's state."""
+        return self.root / f"device_{int(device_id):05d}.pt"
+
+    def load(self, device_id: int) -> dict[str, Any]:
+        """The device's state, or an empty dict before its first participation."""
+        p = self.path(device_id)
+        if not p.exists():
+            return {}
+        return torch.load(p, map_location="cpu", weights_only=False)
+
+    def save(self, device_id: int, state: dict[str, Any]) -> None:
+        """Replace the device's state atomically."""
+        atomic_write(self.path(device_id), lambda fh: torch.save(state, fh))
+
+    def check_shared(self, token: str) -> None:
+        """Raise ConfigError unless the file written by rank 0 with `token` is visible here."""
+        marker = self.root / ".store_token"
+        seen = marker.read_text().strip() if marker.exists() else None
+        if seen != token:
+            raise ConfigError(
+                f"state_dir {str(self.root)!r} is not shared between ranks: this rank "
+                f"({os.uname().nodename}) cannot see the marker written by rank 0. On a multi-node MPI "
+                "cluster set fibec_args.state_dir to a folder every node mounts (e.g. NFS).")
+
+    def write_token(self, token: str) -> None:
+        """Written by rank 0 so the other ranks can prove they see the same folder."""
+        atomic_write_text(self.root / ".store_token", token)

@@ -1,0 +1,122 @@
+"""Neuron scores, top-rho masks and the bit-exact sparse update (FIBECFED.md section 3)."""
+import peft
+import pytest
+import torch
+from tiny import tiny_batch, tiny_model, tiny_texts, tiny_tokenizer
+
+from fedml_fibec.algorithm.sparse import (
+    SparseUpdate,
+    accumulate_squared_grads,
+    momentum_update,
+    neuron_scores,
+    select_top_neurons,
+)
+
+
+def test_accumulate_and_neuron_scores():
+    w = torch.nn.Parameter(torch.zeros(3, 2))
+    v = torch.nn.Parameter(torch.zeros(2))
+    acc = {}
+    w.grad = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 0.0]])
+    accumulate_squared_grads(acc, {"w": w, "v": v})  # v has no grad: skipped
+    assert set(acc) == {"w"}
+    w.grad = torch.ones(3, 2)
+    v.grad = torch.tensor([2.0, -3.0])
+    accumulate_squared_grads(acc, {"w": w, "v": v})
+    assert torch.equal(acc["w"], torch.tensor([[2.0, 5.0], [1.0, 2.0], [10.0, 1.0]]))
+    assert torch.equal(acc["v"], torch.tensor([4.0, 9.0]))
+    scores = neuron_scores(acc)
+    assert torch.equal(scores["w"], torch.tensor([7.0, 3.0, 11.0]))
+    assert torch.equal(scores["v"], torch.tensor([4.0, 9.0]))
+
+
+def test_momentum_update():
+    prev = {"a": torch.tensor([1.0, 2.0]), "gone": torch.tensor([9.0])}
+    new = {"a": torch.tensor([3.0, 4.0]), "b": torch.tensor([5.0])}
+    out = momentum_update(prev, new, 0.9)
+    assert set(out) == {"a", "b"}
+    assert torch.allclose(out["a"], torch.tensor([0.9 * 1 + 0.1 * 3, 0.9 * 2 + 0.1 * 4]))
+    assert torch.equal(out["b"], new["b"])
+    first = momentum_update(None, new, 0.9)
+    assert all(torch.equal(first[k], new[k]) for k in new)
+
+
+def test_select_top_neurons_ranks_across_modules():
+    scores = {"a": torch.tensor([0.1, 0.9, 0.5]), "b": torch.tensor([0.8, 0.2])}
+    masks = select_top_neurons(scores, 0.4)  # ceil(0.4 * 5) = 2
+    assert masks["a"].tolist() == [False, True, False] and masks["b"].tolist() == [True, False]
+    masks = select_top_neurons(scores, 0.5)  # ceil(2.5) = 3
+    assert masks["a"].tolist() == [False, True, True] and masks["b"].tolist() == [True, False]
+    assert all(m.all() for m in select_top_neurons(scores, 1.0).values())
+    assert not any(m.any() for m in select_top_neurons(scores, 0.0).values())
+    ties = select_top_neurons({"a": torch.ones(2), "b": torch.ones(2)}, 0.5)
+    assert ties["a"].tolist() == [True, True] and ties["b"].tolist() == [False, False]
+    big = select_top_neurons({"x": torch.rand(40), "y": torch.rand(25)}, 0.25)
+    assert sum(int(m.sum()) for m in big.values()) == 17  # ceil(0.25 * 65)
+    with pytest.raises(ValueError):
+        select_top_neurons(scores, 1.5)
+
+
+def _lora_bert():
+    model = peft.get_peft_model(tiny_model("bert"), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                                    lora_dropout=0.0))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model
+
+
+def test_sparse_update_keeps_unselected_bit_identical_under_adamw():
+    model = _lora_bert()
+    model.train()
+    texts, labels = tiny_texts(8, seed=1)
+    enc = tiny_batch(tiny_tokenizer(), texts, 16)
+    labels = torch.tensor(labels)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(**enc).logits, labels).backward()
+
+    # A few dense steps first so AdamW carries momentum into the sparse phase.
+    for _ in range(2):
+        step()
+        opt.step()
+    local = {n: p for n, p in model.named_parameters() if "layer.1." in n and "lora_" in n}
+    names = sorted(local)
+    frozen_name = names[0]
+    scores = {n: torch.rand(p.shape[0], generator=torch.Generator().manual_seed(i)) for i, (n, p) in
+              enumerate(sorted(local.items()))}
+    scores[frozen_name] = torch.full_like(scores[frozen_name], -1.0)  # lowest: nothing selected there
+    masks = select_top_neurons(scores, 0.25)
+    assert not masks[frozen_name].any() and sum(int(m.any()) for m in masks.values()) >= 1
+    before = {n: p.detach().clone() for n, p in local.items()}
+    with SparseUpdate(local, masks) as sparse:
+        assert not local[frozen_name].requires_grad
+        for _ in range(3):
+            step()
+            assert local[frozen_name].grad is None
+            opt.step()
+            sparse.after_step()
+    assert local[frozen_name].requires_grad
+    changed = 0
+    for n, p in local.items():
+        keep = masks[n]
+        assert torch.equal(p[~keep], before[n][~keep]), n
+        changed += int((p[keep] != before[n][keep]).any(dim=-1).sum())
+    assert changed == sum(int(m.sum()) for m in masks.values())
+    # Hooks are gone after close: a dense step moves every row again.
+    step()
+    assert all(p.grad is not None and (p.grad != 0).any() for p in local.values())
+    model.eval()
+
+
+def test_sparse_update_rejects_mismatched_masks():
+    p = torch.nn.Parameter(torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="rows"):
+        SparseUpdate({"p": p}, {"p": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="missing"):
+        SparseUpdate({"p": p}, {})
