@@ -74,7 +74,7 @@ def _log_probs(model: nn.Module, **inputs: Tensor) -> Tensor:
 def _objectives(log_probs: Tensor, labels: Tensor, fisher: str) -> list[tuple[Tensor, Tensor | None]]:
     """(summed log-likelihood, per-sample weight) pairs whose weighted squared grads give the trace."""
     if fisher == "empirical":
-        return [(log_probs.gather(1, labels.view(-1, 1).to(log_probs.device)).sum(), None)]
+        return [(log_probs.gather(1, labels.reshape(-1, 1).to(log_probs.device)).sum(), None)]
     # True Fisher: E_{y~p(.|x)} ||grad log p(y|x)||^2, one backward per class; p is a weight, not a path.
     probs = log_probs.detach().exp()
     return [(log_probs[:, c].sum(), probs[:, c]) for c in range(log_probs.shape[1])]

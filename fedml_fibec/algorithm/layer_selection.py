@@ -38,14 +38,14 @@ def perturbation_layer_scores(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     real = attention_mask.to(torch.float32).unsqueeze(-1)
     hidden: list[Tensor | None] = [None] * len(blocks)
-    noise_scale = {"sigma": 0.0}
+    noise_sigma = 0.0  # the clean pass first; the hook reads the value current at call time
 
     def perturb(_module: nn.Module, _args: tuple, out: Tensor) -> Tensor | None:
-        if not noise_scale["sigma"]:
+        if not noise_sigma:
             return None
         gen_device = generator.device if generator is not None else out.device
         noise = torch.randn(out.shape, generator=generator, device=gen_device, dtype=torch.float32).to(out.device)
-        scale = noise_scale["sigma"] * out.float().norm(dim=-1, keepdim=True) / math.sqrt(out.shape[-1])
+        scale = noise_sigma * out.float().norm(dim=-1, keepdim=True) / math.sqrt(out.shape[-1])
         return out + (noise * scale * real).to(out.dtype)
 
     def keeper(i: int):
@@ -59,7 +59,7 @@ def perturbation_layer_scores(
         with eval_mode(model), torch.no_grad():
             model(input_ids=input_ids, attention_mask=attention_mask)
             clean = list(hidden)
-            noise_scale["sigma"] = float(sigma)
+            noise_sigma = float(sigma)
             model(input_ids=input_ids, attention_mask=attention_mask)
             noisy = list(hidden)
     finally:
@@ -125,7 +125,10 @@ def weighted_mean_scores(scores: Sequence[tuple[Tensor, float]]) -> Tensor:
 
 
 def select_gal(scores: Tensor, *, ratio: float | None = None, mass: float | None = None) -> list[int]:
-    """Sorted block indices of the GAL: top ceil(ratio * L), or the fewest top blocks holding `mass` of the total."""
+    """Sorted block indices of the GAL: top ceil(ratio * L), or the fewest top blocks holding `mass` of the total.
+
+    Ties go to the lower index; all-zero scores under `mass` therefore select block 0 alone.
+    """
     if (ratio is None) == (mass is None):
         raise ValueError("give exactly one of ratio or mass")
     values = scores.detach().reshape(-1).double().cpu()

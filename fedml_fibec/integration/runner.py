@@ -120,10 +120,7 @@ def run(cfg: RunConfig, out_dir: Path, world: MpiWorld) -> Optional[dict]:
 
     rank = world.rank
     torch.set_num_threads(_torch_threads(cfg, world.size))
-    cache_dir = cfg.data_args.data_cache_dir
-    from ..assets import default_cache_dir
-
-    cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache_dir = Path(os.environ["FEDML_FIBEC_CACHE"])
     state_dir = Path(cfg.fibec_args.state_dir or out_dir / "device_state")
 
     # Rank 0 fetches/converts assets first; the others then find them cached.
@@ -155,9 +152,12 @@ def run(cfg: RunConfig, out_dir: Path, world: MpiWorld) -> Optional[dict]:
     from ..data import to_fedml_dataset
     from ..metrics import MetricsLog
     from .aggregator import FibecServerAggregator
+    from . import mpi_transport
     from .fedml_glue import RoundSampledAggregator, fedml_arguments
     from .trainer import FibecClientTrainer
 
+    if cfg.comm_args.backend == "MPI":
+        mpi_transport.install()
     dataset = to_fedml_dataset(fed_data)
     fedml_rounds = cfg.train_args.comm_round + (1 if _has_scoring_exchange(cfg) else 0)
     args = fedml_arguments(cfg, rank, world.comm, fedml_rounds=fedml_rounds)
@@ -256,6 +256,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
     world.barrier()
+    # Resolve the asset cache before HOME is pointed at the run folder for FedML's own files.
+    from ..assets import default_cache_dir
+
+    os.environ["FEDML_FIBEC_CACHE"] = str(Path(cfg.data_args.data_cache_dir or default_cache_dir()).expanduser()
+                                          .resolve())
     set_offline_environment(out_dir / "fedml_home" / f"rank{world.rank}")
     guard_file = os.environ.get("FEDML_FIBEC_NETWORK_GUARD")
     if guard_file:
