@@ -22,7 +22,10 @@ from .errors import ConfigError
 
 BUILTIN_DATASETS = ("mr",)
 BUILTIN_MODELS = ("minilm", "smollm2")
-METHODS = ("FibecFed", "FedAvg")
+METHODS = ("FibecFed", "FedAvg", "FFA-LoRA", "FedSA-LoRA")  # our cross-silo path
+# FedML's own algorithms on its simulation-MPI path (training_type: simulation), by FedML's names.
+FEDML_METHODS = ("FedAvg", "FedProx", "FedOpt", "FedNova")
+OPTIMIZER_CHOICES = METHODS + tuple(m for m in FEDML_METHODS if m not in METHODS)
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -36,7 +39,9 @@ def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
 @dataclass
 class CommonArgs:
     training_type: str = _f("cross_silo", "FedML engine. cross_silo: our trainer/aggregator hooks "
-                            "(over MPI or GRPC).", ("cross_silo",))
+                            "(over MPI or GRPC); simulation: FedML's own simulation-MPI algorithms "
+                            "(FedAvg, FedProx, FedOpt, FedNova) on our LoRA model (baselines).",
+                            ("cross_silo", "simulation"))
     scenario: str = _f("horizontal", "FedML cross-silo scenario.", ("horizontal",))
     random_seed: int = _f(0, "Seed for the split, partition, client sampling, model init and batches.")
     using_mlops: bool = _f(False, "FedML's cloud tracking. Must stay false: runs are offline.")
@@ -75,7 +80,10 @@ class ModelArgs:
 
 @dataclass
 class TrainArgs:
-    federated_optimizer: str = _f("FibecFed", "FibecFed, or FedAvg (plain federated LoRA).", METHODS)
+    federated_optimizer: str = _f("FibecFed", "FibecFed; FedAvg (plain federated LoRA); FFA-LoRA (A frozen, "
+                                  "B shared); FedSA-LoRA (A shared, B kept on the device); with "
+                                  "training_type=simulation FedML's FedAvg, FedProx, FedOpt or FedNova.",
+                                  OPTIMIZER_CHOICES)
     client_num_in_total: int = _f(100, "Number of devices the data is partitioned over.")
     client_num_per_round: int = _f(10, "Devices sampled per round (= client processes).")
     comm_round: int = _f(20, "Training rounds.")
@@ -85,13 +93,19 @@ class TrainArgs:
     weight_decay: float = _f(0.0, "Local AdamW weight decay.")
     client_optimizer: str = _f("adamw", "Local optimizer.", ("adamw", "sgd"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
+    fedprox_mu: float = _f(0.01, "FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 "
+                           "(over the trainable LoRA + head tensors).")
+    server_optimizer: str = _f("adam", "FedOpt: server optimizer on the averaged update (adam = FedAdam, "
+                               "sgd = FedAvgM with server_momentum).", ("adam", "sgd"))
+    server_lr: float = _f(0.01, "FedOpt: server learning rate (sgd with server_lr=1, momentum 0 = FedAvg).")
+    server_momentum: float = _f(0.9, "FedOpt: SGD momentum, or Adam's beta1.")
 
 
 @dataclass
 class ValidationArgs:
     frequency_of_the_test: int = _f(1, "Evaluate the global model every N rounds (and at the last).")
     eval_batch_size: int = _f(64, "Batch size for evaluation.")
-    device_eval_samples: int = _f(256, "Global-test samples each participating device evaluates its own "
+    device_eval_samples: int = _f(128, "Global-test samples each participating device evaluates its own "
                                   "model on (0 = skip device accuracy).")
 
 
@@ -298,6 +312,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
                                       "the launcher (mpirun rank / command line)")
                 sec, key = _locate(f"{section}.{name}", str(p))
                 _set_value(cfg, sec, key, value, str(p))
+    if overrides:
+        cfg.source = f"{cfg.source} with --set overrides"
     for text in overrides:
         key, value = parse_override(text)
         section, name = _locate(key, f"--set {text}")
@@ -356,6 +372,10 @@ def validate(cfg: RunConfig) -> None:
     _require(t.learning_rate > 0, "learning_rate", t.learning_rate, "a positive number", s)
     _require(t.weight_decay >= 0, "weight_decay", t.weight_decay, "a non-negative number", s)
     _require(t.max_grad_norm >= 0, "max_grad_norm", t.max_grad_norm, "a non-negative number", s)
+    _require(t.fedprox_mu >= 0, "fedprox_mu", t.fedprox_mu, "a non-negative number", s)
+    _require(t.server_lr > 0, "server_lr", t.server_lr, "a positive number", s)
+    _require(0 <= t.server_momentum < 1, "server_momentum", t.server_momentum, "a number in [0, 1)", s)
+    _check_engine(cfg)
     # validation
     _require(v.frequency_of_the_test >= 1, "frequency_of_the_test", v.frequency_of_the_test, "at least 1", s)
     _require(v.eval_batch_size >= 1, "eval_batch_size", v.eval_batch_size, "at least 1", s)
@@ -391,6 +411,28 @@ def validate(cfg: RunConfig) -> None:
     _require(fb.reselect_every >= 0, "reselect_every", fb.reselect_every, "0 (once) or more", s)
     _require(0 <= fb.beta < 1, "beta", fb.beta, "a number in [0, 1)", s)
     _require(0 < fb.rho <= 1, "rho", fb.rho, "a number in (0, 1]", s)
+
+
+def _check_engine(cfg: RunConfig) -> None:
+    """Each method runs on one engine: ours on cross_silo, FedML's built-ins on simulation (MPI)."""
+    s, t, engine = cfg.source, cfg.train_args, cfg.common_args.training_type
+    method = t.federated_optimizer
+    if engine == "simulation":
+        _require(method in FEDML_METHODS, "federated_optimizer", method,
+                 f"one of FedML's {list(FEDML_METHODS)} when training_type=simulation ({method} runs on "
+                 "training_type=cross_silo)", s)
+        _require(cfg.comm_args.backend == "MPI", "backend", cfg.comm_args.backend,
+                 "MPI when training_type=simulation (FedML's simulation-MPI path)", s)
+        # FedML's simulation clients only stop after the message of round comm_round-1 (round >= 1).
+        _require(t.comm_round >= 2, "comm_round", t.comm_round,
+                 "at least 2 when training_type=simulation (FedML's clients never stop after 1 round)", s)
+        if method == "FedNova":
+            _require(t.client_optimizer == "sgd", "client_optimizer", t.client_optimizer,
+                     "sgd for FedNova: its normalized averaging is defined for SGD local steps", s)
+    else:
+        _require(method in METHODS, "federated_optimizer", method,
+                 f"one of {list(METHODS)} when training_type=cross_silo ({method} is FedML's own: "
+                 "set training_type=simulation)", s)
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -113,12 +113,15 @@ def build_federated_data(
     text_pair_column: str | None = None,
     hub_config: str | None = None,
     max_train_samples: int | None = None,
+    tables: tuple[TextTable, TextTable | None] | None = None,
 ) -> FederatedData:
-    """Load, split (if no test set), optionally subsample, partition and encode a dataset for num_devices devices."""
+    """Load (or take `tables` already loaded), split if no test set, subsample, partition and encode."""
     t0 = time.perf_counter()
-    train, test = load_source(source=source, dataset=dataset, cache_dir=cache_dir, train_file=train_file,
-                              test_file=test_file, text_column=text_column, label_column=label_column,
-                              text_pair_column=text_pair_column, hub_config=hub_config)
+    if tables is None:
+        tables = load_source(source=source, dataset=dataset, cache_dir=cache_dir, train_file=train_file,
+                             test_file=test_file, text_column=text_column, label_column=label_column,
+                             text_pair_column=text_pair_column, hub_config=hub_config)
+    train, test = tables
     if test is None:
         # Depends only on (seed, test_fraction): every method compared under one seed sees the same test set.
         train, test = stratified_split(train, test_fraction=test_fraction, seed=seed)

@@ -22,7 +22,6 @@ from ..metrics import MetricsLog
 from ..models import block_index, load_trainable_state, num_blocks, trainable_state_dict
 from .local import evaluate
 from .payload import PHASE_SCORE, PHASE_TRAIN, WIRE_DTYPES, download_message, shared_keys, to_wire, upload_bytes
-from .payload import payload_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +93,8 @@ class FibecServerAggregator(ServerAggregator):
             "num_devices": len(accepted),
             "devices": [u["device_id"] for u in accepted],
             "rejected_payloads": len(rejected),
+            # Mean seconds per device spent on each part of local work (where the time goes).
+            **{k: _mean(s.get(k) for s in stats) for k in ("scoring_seconds", "train_seconds", "eval_seconds")},
         }
         self._carry = {"bytes_up": 0, "bytes_down": 0}
         if any(u.get("layer_scores") is not None for u in accepted):
@@ -134,12 +135,12 @@ class FibecServerAggregator(ServerAggregator):
     def _outgoing(self) -> OrderedDict:
         """The message for the coming round; its bytes count once per receiving device."""
         keys = list(self.global_tensors) if self.phase == PHASE_SCORE else \
-            shared_keys(self.global_tensors, self.gal, block_index)
+            shared_keys(self.global_tensors, self.gal, block_index, self.cfg.train_args.federated_optimizer)
         k = self.cfg.fibec_args.reselect_every
         rescore = self.phase == PHASE_TRAIN and k > 0 and (self.round + 1) % k == 0 \
             and self.round + 1 < self.cfg.train_args.comm_round
         tensors = to_wire({key: self.global_tensors[key] for key in keys}, self.cfg.comm_args.payload_dtype)
-        sent = payload_bytes(tensors) * self.cfg.train_args.client_num_per_round
+        sent = alg.payload_bytes(tensors) * self.cfg.train_args.client_num_per_round
         if self.phase == PHASE_SCORE:
             self._carry["bytes_down"] += sent
         else:
@@ -160,7 +161,7 @@ class FibecServerAggregator(ServerAggregator):
         """Split uploads into those matching the current GAL and those rejected (logged)."""
         wire = WIRE_DTYPES[self.cfg.comm_args.payload_dtype]
         expected = {k: (tuple(self.global_tensors[k].shape), wire)
-                    for k in shared_keys(self.global_tensors, self.gal, block_index)}
+                    for k in shared_keys(self.global_tensors, self.gal, block_index, self.cfg.train_args.federated_optimizer)}
         accepted, rejected = [], []
         for u in uploads:
             try:

@@ -23,6 +23,12 @@ def model_inputs(data: EncodedSet, idx, device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
+def length_sorted_batches(attention_mask: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Row indices in batches of similar length, so trimmed batches carry little padding."""
+    order = torch.argsort(attention_mask.sum(dim=1), stable=True)
+    return list(order.split(batch_size))
+
+
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """A fresh local optimizer over the parameters that require grad."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -71,8 +77,7 @@ def evaluate(model: nn.Module, data: EncodedSet, *, batch_size: int, device: tor
     correct = torch.zeros((), device=device)
     loss_sum = torch.zeros((), device=device)
     n = len(data)
-    for start in range(0, n, batch_size):
-        rows = slice(start, start + batch_size)
+    for rows in length_sorted_batches(data.attention_mask, batch_size):
         y = data.labels[rows].to(device)
         with _autocast(device, bf16):
             logits = model(**model_inputs(data, rows, device)).logits.float()

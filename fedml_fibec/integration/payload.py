@@ -14,11 +14,25 @@ PHASE_SCORE = "score"  # devices only score layer sensitivity; the server then s
 PHASE_TRAIN = "train"
 
 
-def shared_keys(keys: Iterable[str], gal: Optional[Iterable[int]], block_of: Callable[[str], Optional[int]]
-                ) -> list[str]:
-    """Keys that travel: the head (no block) and every tensor of a GAL block; gal None = all."""
+def shared_keys(keys: Iterable[str], gal: Optional[Iterable[int]], block_of: Callable[[str], Optional[int]],
+                method: str = "FedAvg") -> list[str]:
+    """Keys that travel between server and devices under `method`.
+
+    FedAvg/FibecFed: the head (no block) and every tensor of a GAL block (gal None = all blocks).
+    FFA-LoRA: everything but LoRA A (frozen at its shared initial value). FedSA-LoRA: everything
+    but LoRA B (kept on the device).
+    """
+    if method == "FFA-LoRA":
+        return [k for k in keys if ".lora_A." not in k]
+    if method == "FedSA-LoRA":
+        return [k for k in keys if ".lora_B." not in k]
     gal_set = None if gal is None else set(gal)
     return [k for k in keys if block_of(k) is None or gal_set is None or block_of(k) in gal_set]
+
+
+def frozen_keys(keys: Iterable[str], method: str) -> list[str]:
+    """Trainable tensors a method never updates (FFA-LoRA freezes LoRA A)."""
+    return [k for k in keys if ".lora_A." in k] if method == "FFA-LoRA" else []
 
 
 def to_wire(tensors: Mapping[str, torch.Tensor], dtype: str) -> "OrderedDict[str, torch.Tensor]":

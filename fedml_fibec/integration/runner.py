@@ -98,15 +98,23 @@ def _setup_logging(out_dir: Path, rank: int, level: str) -> None:
     log.setLevel(getattr(logging, level))
 
 
-def _torch_threads(cfg: RunConfig, world_size: int) -> int:
+def _torch_threads(cfg: RunConfig, rank: int, world_size: int) -> int:
     if cfg.device_args.torch_threads:
         return cfg.device_args.torch_threads
-    return max(1, (os.cpu_count() or 1) // max(1, world_size))
+    cores = os.cpu_count() or 1
+    if rank == 0:
+        # The server computes (evaluation) only while every client waits for the next message.
+        return cores
+    return max(1, cores // max(1, world_size - 1))
 
 
 def check_world(cfg: RunConfig, world_size: int) -> None:
     """The process count must be client_num_per_round + 1 (one server, one process per device slot)."""
     expected = cfg.worker_num + 1
+    if world_size == 1 and expected > 1:
+        raise ConfigError(
+            f"not launched by mpirun: this config (client_num_per_round = {cfg.train_args.client_num_per_round}) "
+            f"runs as `mpirun -np {expected} python run_scripts/run_fibec.py ...`")
     if world_size != expected:
         raise ConfigError(
             f"{cfg.source}: train_args.client_num_per_round = {cfg.train_args.client_num_per_round} needs "
@@ -114,24 +122,25 @@ def check_world(cfg: RunConfig, world_size: int) -> None:
             f"run `mpirun -np {expected} ...` or set client_num_per_round={world_size - 1}")
 
 
-def run(cfg: RunConfig, out_dir: Path, world: MpiWorld) -> Optional[dict]:
+def run(cfg: RunConfig, tables, out_dir: Path, world: MpiWorld) -> Optional[dict]:
     """Run this rank's part of the federated job; the server returns the summary."""
     import torch
 
     rank = world.rank
-    torch.set_num_threads(_torch_threads(cfg, world.size))
+    torch.set_num_threads(_torch_threads(cfg, rank, world.size))
     cache_dir = Path(os.environ["FEDML_FIBEC_CACHE"])
     state_dir = Path(cfg.fibec_args.state_dir or out_dir / "device_state")
 
     # Rank 0 fetches/converts assets first; the others then find them cached.
     from ..models import apply_lora, load_model_and_tokenizer
 
+    num_labels = len(tables[0].label_names)
     if rank == 0:
-        model, tokenizer = _build_model(cfg, cache_dir, apply_lora, load_model_and_tokenizer)
+        model, tokenizer = _build_model(cfg, num_labels, cache_dir, apply_lora, load_model_and_tokenizer)
     world.barrier()
     if rank != 0:
-        model, tokenizer = _build_model(cfg, cache_dir, apply_lora, load_model_and_tokenizer)
-    fed_data = _build_data(cfg, tokenizer, cache_dir)
+        model, tokenizer = _build_model(cfg, num_labels, cache_dir, apply_lora, load_model_and_tokenizer)
+    fed_data = _build_data(cfg, tables, tokenizer)
     if rank == 0:
         log.info("data: %s", json.dumps({k: v for k, v in fed_data.stats().items()
                                          if not isinstance(v, list)}))
@@ -144,6 +153,10 @@ def run(cfg: RunConfig, out_dir: Path, world: MpiWorld) -> Optional[dict]:
         store.write_token(token)
     world.barrier()
     store.check_shared(token)
+    if cfg.common_args.training_type == "simulation":  # FedML's own algorithms (baselines)
+        from ..baselines.runner import run_simulation
+
+        return run_simulation(cfg, out_dir, world, model, fed_data, store)
 
     import fedml
     from fedml.cross_silo.client import client_initializer
@@ -189,30 +202,29 @@ def _has_scoring_exchange(cfg: RunConfig) -> bool:
     return cfg.train_args.federated_optimizer == "FibecFed" and not (fb.gal_ratio is not None and fb.gal_ratio >= 1)
 
 
-def _build_model(cfg: RunConfig, cache_dir: Path, apply_lora, load_model_and_tokenizer):
+def _build_model(cfg: RunConfig, num_labels: int, cache_dir: Path, apply_lora, load_model_and_tokenizer):
     import torch
 
     m = cfg.model_args
     # Every rank builds the same initial model (head and LoRA init) from the run seed.
     torch.manual_seed(cfg.common_args.random_seed)
-    num_labels = _num_labels(cfg, cache_dir)
     model, tokenizer = load_model_and_tokenizer(m.model, num_labels, cache_dir=cache_dir)
     model = apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                        target_modules=m.lora_target_modules)
     return model, tokenizer
 
 
-def _num_labels(cfg: RunConfig, cache_dir: Path) -> int:
+def load_tables(cfg: RunConfig, cache_dir: Path):
+    """The task's (train, test or None) tables: read before anything else so bad data fails first."""
     from ..data import load_source
 
     d = cfg.data_args
-    train, _ = load_source(source=d.data_source, dataset=d.dataset, cache_dir=cache_dir, train_file=d.train_file,
-                           test_file=d.test_file, text_column=d.text_column, label_column=d.label_column,
-                           text_pair_column=d.text_pair_column, hub_config=d.hub_config)
-    return len(train.label_names)
+    return load_source(source=d.data_source, dataset=d.dataset, cache_dir=cache_dir, train_file=d.train_file,
+                       test_file=d.test_file, text_column=d.text_column, label_column=d.label_column,
+                       text_pair_column=d.text_pair_column, hub_config=d.hub_config)
 
 
-def _build_data(cfg: RunConfig, tokenizer, cache_dir: Path):
+def _build_data(cfg: RunConfig, tables, tokenizer):
     from ..data import build_federated_data
 
     d, t = cfg.data_args, cfg.train_args
@@ -220,9 +232,8 @@ def _build_data(cfg: RunConfig, tokenizer, cache_dir: Path):
         source=d.data_source, dataset=d.dataset, tokenizer=tokenizer, max_length=d.max_seq_length,
         num_devices=t.client_num_in_total, partition_method=d.partition_method,
         partition_alpha=d.partition_alpha, min_samples_per_device=d.min_samples_per_device,
-        test_fraction=d.test_fraction, seed=cfg.common_args.random_seed, cache_dir=cache_dir,
-        train_file=d.train_file, test_file=d.test_file, text_column=d.text_column, label_column=d.label_column,
-        text_pair_column=d.text_pair_column, hub_config=d.hub_config, max_train_samples=d.max_train_samples)
+        test_fraction=d.test_fraction, seed=cfg.common_args.random_seed, max_train_samples=d.max_train_samples,
+        tables=tables)
 
 
 def print_result_table(summary: dict) -> None:
@@ -243,12 +254,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of run_fibec.py: validate everything, then run this rank."""
     ns = parse_args(argv)
     world = MpiWorld()
+    from ..assets import default_cache_dir
+
     try:
         cfg = load_config(ns.cf, ns.overrides)
+        cache_dir = Path(cfg.data_args.data_cache_dir or default_cache_dir()).expanduser().resolve()
+        tables = load_tables(cfg, cache_dir)
         check_world(cfg, world.size)
-    except ConfigError as exc:
+    except FibecError as exc:
         if world.rank == 0:
-            print(f"config error: {exc}", file=sys.stderr)
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     out_dir = Path(world.bcast(str(Path(ns.out) if ns.out else _default_out_dir(cfg)) if world.rank == 0 else None))
     out_dir = out_dir.resolve()
@@ -256,11 +271,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.yaml").write_text(dump_yaml(cfg))
     world.barrier()
-    # Resolve the asset cache before HOME is pointed at the run folder for FedML's own files.
-    from ..assets import default_cache_dir
-
-    os.environ["FEDML_FIBEC_CACHE"] = str(Path(cfg.data_args.data_cache_dir or default_cache_dir()).expanduser()
-                                          .resolve())
+    # The asset cache was resolved before HOME is pointed at the run folder for FedML's own files.
+    os.environ["FEDML_FIBEC_CACHE"] = str(cache_dir)
     set_offline_environment(out_dir / "fedml_home" / f"rank{world.rank}")
     guard_file = os.environ.get("FEDML_FIBEC_NETWORK_GUARD")
     if guard_file:
@@ -268,7 +280,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging(out_dir, world.rank, cfg.tracking_args.log_level)
     try:
         disable_fedml_cloud()
-        summary = run(cfg, out_dir, world)
+        summary = run(cfg, tables, out_dir, world)
     except FibecError as exc:
         log.error("%s", exc)
         print(f"error (rank {world.rank}): {exc}", file=sys.stderr)

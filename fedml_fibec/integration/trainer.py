@@ -18,8 +18,8 @@ from .. import algorithm as alg
 from ..config import RunConfig
 from ..data import DeviceData, EncodedSet
 from ..models import block_index, load_trainable_state, num_blocks, trainable_state_dict, transformer_blocks
-from .local import evaluate, make_optimizer, train_steps
-from .payload import PHASE_SCORE, shared_keys, to_wire, upload_message
+from .local import evaluate, length_sorted_batches, make_optimizer, model_inputs, train_steps
+from .payload import PHASE_SCORE, frozen_keys, to_wire, upload_message
 from .state_store import DeviceStateStore
 
 log = logging.getLogger(__name__)
@@ -94,10 +94,13 @@ class FibecClientTrainer(ClientTrainer):
         torch.manual_seed(derived_seed(cfg.common_args.random_seed, "dropout", train_data.device_id, round_idx))
 
         n_total = len(data)
+        clock = {"scoring_seconds": 0.0}
+        t0 = time.perf_counter()
         if self.fibec and fb.g0 < 1:
             n_use = alg.curriculum_size(round_idx, n_total, g0=fb.g0, T_c=cfg.curriculum_rounds, p=fb.p,
                                         min_samples=fb.min_samples)
             order = self._difficulty_order(data, state, device)
+            clock["scoring_seconds"] = time.perf_counter() - t0
             batches = alg.curriculum_batches(order, n_use, batch_size=tr.batch_size, num_steps=tr.local_steps,
                                              generator=generator)
         else:
@@ -105,8 +108,12 @@ class FibecClientTrainer(ClientTrainer):
             batches = alg.local_batches(n_total, batch_size=tr.batch_size, num_steps=tr.local_steps,
                                         generator=generator)
 
+        t0 = time.perf_counter()
         params = dict(self.model.named_parameters())
-        local_params = {k: params[k] for k in local_keys}
+        frozen = [params[k] for k in frozen_keys(self.keys, tr.federated_optimizer) if params[k].requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        local_params = {k: params[k] for k in local_keys if params[k].requires_grad}
         sq_grads: dict[str, torch.Tensor] = {}
         # Squared gradients are taken before the sparse mask zeroes rows: every row of a trained
         # module gets a true score for the next selection, at no extra backward pass.
@@ -128,6 +135,8 @@ class FibecClientTrainer(ClientTrainer):
         finally:
             for h in hooks:
                 h.remove()
+            for p in frozen:
+                p.requires_grad_(True)
             if sparse is not None:
                 sparse.close()
 
@@ -141,14 +150,19 @@ class FibecClientTrainer(ClientTrainer):
         state["local"] = {k: after[k].detach().cpu() for k in local_keys}
         state["participations"] = state.get("participations", 0) + 1
 
+        clock["train_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         device_acc = None
         if cfg.validation_args.device_eval_samples > 0 and self.local_test_dataset is not None:
             ev = self._device_eval_set(self.local_test_dataset.data)
             device_acc, _ = evaluate(self.model, ev, batch_size=cfg.validation_args.eval_batch_size, device=device,
                                      bf16=cfg.device_args.bf16)
+        clock["eval_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         scores = self._layer_scores(data, generator, device) if self.message.get("rescore") else None
+        clock["scoring_seconds"] += time.perf_counter() - t0
         stats = {"train_loss": loss, "device_accuracy": device_acc, "curriculum_share": n_use / n_total,
-                 "updated_neuron_share": updated_share}
+                 "updated_neuron_share": updated_share, **clock}
         return upload_message(train_data.device_id, n_use,
                               to_wire({k: after[k] for k in shared}, cfg.comm_args.payload_dtype), scores, stats)
 
@@ -165,9 +179,13 @@ class FibecClientTrainer(ClientTrainer):
         seen = state.get("participations", 0)
         due = "difficulty" not in state or (fb.refresh_every > 0 and seen > 0 and seen % fb.refresh_every == 0)
         if due:
-            state["difficulty"] = alg.score_dataset(
-                self.model, data.input_ids.to(device), data.attention_mask.to(device), data.labels.to(device),
-                batch_size=fb.scoring_batch_size, wrt=fb.wrt, fisher=fb.fisher, normalize=fb.normalize).cpu()
+            scores = torch.empty(len(data))
+            for rows in length_sorted_batches(data.attention_mask, fb.scoring_batch_size):
+                inputs = model_inputs(data, rows, device)
+                scores[rows] = alg.score_dataset(
+                    self.model, inputs["input_ids"], inputs["attention_mask"], data.labels[rows].to(device),
+                    batch_size=len(rows), wrt=fb.wrt, fisher=fb.fisher, normalize=fb.normalize).cpu()
+            state["difficulty"] = scores
         return alg.easiest_first(state["difficulty"])
 
     def _layer_scores(self, data: EncodedSet, generator: torch.Generator, device) -> torch.Tensor:

@@ -1,0 +1,141 @@
+"""ServerAggregator for FedML's simulation-MPI algorithms: global LoRA state, evaluation, our metrics.
+
+FedML's server-side aggregators (FedAVGAggregator, FedProxAggregator, FedOptAggregator,
+FedNovaAggregator) do the arithmetic; they reach the model through this object: get/set_model_params,
+`model` (FedOpt builds its server optimizer over model.parameters() and strictly loads averaged
+state dicts into a deep copy of it), and, once per round, test_all (FedAvg, FedProx, FedOpt) or
+test (FedNova). Each round ends in one metrics.jsonl record, the same fields our path writes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from fedml.core import ServerAggregator
+from torch import nn
+
+from .. import algorithm as alg
+from ..config import RunConfig
+from ..data import EncodedSet
+from ..metrics import MetricsLog
+from ..models import load_trainable_state, num_blocks, trainable_state_dict
+from ..integration.local import evaluate
+
+log = logging.getLogger(__name__)
+
+
+class TrainableView(nn.Module):
+    """The model's LoRA + head Parameters (the same objects) under their own names, and nothing else.
+
+    FedML's FedOpt loads the averaged upload with a strict load_state_dict into a copy of the
+    server model and steps an optimizer over its parameters; on this view both see exactly the
+    trainable tensors, and a step moves the real model's tensors.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        params = dict(model.named_parameters())
+        for name in trainable_state_dict(model):
+            owner: nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in owner._modules:
+                    owner.add_module(part, nn.Module())
+                owner = owner._modules[part]
+            owner.register_parameter(leaf, params[name])
+
+
+def _mean(values) -> Optional[float]:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+class BaselineServerAggregator(ServerAggregator):
+    """Global trainable tensors for FedML's aggregators; one metrics record per round."""
+
+    def __init__(self, model, args, cfg: RunConfig, test_set: EncodedSet, metrics: MetricsLog, device):
+        super().__init__(TrainableView(model), args)
+        self.full_model = model
+        self.cfg = cfg
+        self.test_set = test_set
+        self.metrics = metrics
+        self.device = device
+        self.num_blocks = num_blocks(model)
+        self.round = 0
+        self._uploads: list[dict] = []
+        self._bytes_up = 0
+        self._round_started = time.time()
+
+    # FedML hooks -------------------------------------------------------------------------------
+    def get_model_params(self):
+        # A fresh CPU copy: FedML's FedProx converts what it gets to lists in place.
+        return OrderedDict((k, p.detach().float().cpu().clone()) for k, p in self.model.named_parameters())
+
+    def set_model_params(self, model_parameters):
+        load_trainable_state(self.full_model, {k: torch.as_tensor(v).to(self.device, torch.float32)
+                                               for k, v in model_parameters.items()})
+
+    def test_all(self, train_data_local_dict, test_data_local_dict, device, args) -> bool:
+        # True: FedML's aggregators then skip their own per-client evaluation loop.
+        self._end_round()
+        return True
+
+    def test(self, test_data, device, args):
+        # FedNova's aggregator calls only this, once per round.
+        self._end_round()
+        return None
+
+    # called by our subclasses of FedML's aggregators (fedml_algorithms.py) --------------------
+    def observe_upload(self, result) -> None:
+        """Note one client process's upload: its statistics and tensor bytes."""
+        uploads = [r["grad"] for r in result] if isinstance(result, list) else [result]  # FedNova sends a list
+        for u in uploads:
+            self._bytes_up += alg.payload_bytes(u)
+            self._uploads.append(getattr(u, "stats", {}))
+
+    # internals ------------------------------------------------------------------------------------
+    def _end_round(self) -> None:
+        """Evaluate the new global model (when due) and write the round's record."""
+        tr, v = self.cfg.train_args, self.cfg.validation_args
+        r, total = self.round, tr.comm_round
+        acc = loss = None
+        if r % v.frequency_of_the_test == 0 or r == total - 1:
+            acc, loss = evaluate(self.full_model, self.test_set, batch_size=v.eval_batch_size, device=self.device,
+                                 bf16=self.cfg.device_args.bf16)
+        stats, self._uploads = self._uploads, []
+        now = time.time()
+        # Every participant receives the whole trainable set once per round.
+        bytes_down = alg.payload_bytes(self.get_model_params()) * tr.client_num_per_round
+        record = {
+            "round": r,
+            "wall_seconds": now - self.metrics.started,
+            "round_seconds": now - self._round_started,
+            "train_loss": _mean(s.get("train_loss") for s in stats),
+            "global_accuracy": acc,
+            "global_loss": loss,
+            "device_accuracy": _mean(s.get("device_accuracy") for s in stats),
+            "bytes_up": self._bytes_up,
+            "bytes_down": bytes_down,
+            "curriculum_share": 1.0,
+            "gal": list(range(self.num_blocks)),
+            "updated_neuron_share": None,
+            "num_devices": len(stats),
+            "devices": sorted(s.get("device_id") for s in stats if s.get("device_id") is not None),
+            "rejected_payloads": 0,
+        }
+        if any("tau_eff" in s for s in stats):
+            record["tau_eff"] = sum(s.get("tau_eff", 0.0) for s in stats)
+        self._bytes_up = 0
+        self._round_started = now
+        self.round += 1
+        self.metrics.add(record)
+        eta = self.metrics.eta_seconds()
+        log.info("round %d/%d  acc %s  device acc %s  loss %s  up %.2f MB  %.1fs/round  ETA %s",
+                 r + 1, total, "-" if acc is None else f"{acc:.4f}",
+                 "-" if record["device_accuracy"] is None else f"{record['device_accuracy']:.4f}",
+                 "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
+                 record["bytes_up"] / 1e6, record["round_seconds"],
+                 "-" if eta is None else time.strftime("%M:%S", time.gmtime(eta)))

@@ -1,0 +1,215 @@
+"""Per-method comparison rows (mean and spread over seeds) from run folders, as CSV and Markdown."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from ..atomic import atomic_write_text
+from ..metrics import read_jsonl
+
+STATUS_FILE = "run.json"  # written by the comparison launcher: method, seed, status, error
+
+
+@dataclass
+class RunResult:
+    """One run (method, seed): its round records, or why it failed."""
+
+    method: str
+    seed: int
+    records: list[dict] = field(default_factory=list)
+    summary: dict = field(default_factory=dict)
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.records)
+
+    def accuracies(self) -> list[tuple[dict, float]]:
+        """(record, global accuracy) of the rounds that were evaluated."""
+        return [(r, r["global_accuracy"]) for r in self.records if r.get("global_accuracy") is not None]
+
+    def final_accuracy(self) -> Optional[float]:
+        acc = self.accuracies()
+        return acc[-1][1] if acc else None
+
+    def best_accuracy(self) -> Optional[float]:
+        acc = self.accuracies()
+        return max(a for _, a in acc) if acc else None
+
+    def final_device_accuracy(self) -> Optional[float]:
+        dev = [r["device_accuracy"] for r in self.records if r.get("device_accuracy") is not None]
+        return dev[-1] if dev else None
+
+    def reach(self, target: float) -> Optional[tuple[int, float]]:
+        """(rounds, wall seconds) at the first evaluation with accuracy >= target; None if never."""
+        for r, a in self.accuracies():
+            if a >= target:
+                return int(r["round"]) + 1, float(r["wall_seconds"])
+        return None
+
+    def total_mb(self, key: str) -> float:
+        return sum(r.get(key) or 0 for r in self.records) / 1e6
+
+    def seconds_per_round(self) -> Optional[float]:
+        secs = [r["round_seconds"] for r in self.records if r.get("round_seconds") is not None]
+        return sum(secs) / len(secs) if secs else None
+
+
+def _read_run(folder: Path, method: str, seed: int) -> RunResult:
+    """A run folder -> RunResult; a missing or unreadable file becomes the run's error."""
+    status = {}
+    if (folder / STATUS_FILE).is_file():
+        status = json.loads((folder / STATUS_FILE).read_text())
+    run = RunResult(method=status.get("method", method), seed=int(status.get("seed", seed)))
+    if status.get("status") == "failed":
+        run.error = status.get("error") or "failed"
+        return run
+    try:
+        run.records = read_jsonl(folder / "metrics.jsonl")
+        run.summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError) as exc:
+        run.error = f"unreadable results: {exc}"
+    if not run.records and run.error is None:
+        run.error = "no round records"
+    return run
+
+
+def load_runs(root: str | Path, methods: Optional[Sequence[str]] = None) -> list[RunResult]:
+    """Every <root>/<method>/seed<k>/ run (only `methods`, in that order, when given)."""
+    root = Path(root)
+    names = list(methods) if methods else sorted(p.name for p in root.iterdir() if p.is_dir())
+    runs = []
+    for name in names:
+        folder = root / name
+        seeds = sorted(folder.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
+        if not seeds:
+            runs.append(RunResult(method=name, seed=-1, error=f"no run folder under {folder}"))
+        for s in seeds:
+            runs.append(_read_run(s, name, int(s.name[4:]) if s.name[4:].isdigit() else -1))
+    return runs
+
+
+def _mean_spread(values: Sequence[Optional[float]]) -> tuple[Optional[float], Optional[float]]:
+    """Mean and sample standard deviation (None with fewer than 2 values) of the non-None values."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
+
+
+def target_accuracy(runs: Sequence[RunResult], *, reference: Sequence[str] = ("FedAvg-LoRA", "FedML-FedAvg"),
+                    fraction: float = 0.95, absolute: Optional[float] = None) -> tuple[Optional[float], str]:
+    """The accuracy target and how it was set: `absolute`, or `fraction` of the reference's best accuracy.
+
+    The reference is the first method of `reference` with a successful run; its best accuracy is the
+    mean over its seeds of each seed's best global accuracy.
+    """
+    if absolute is not None:
+        return float(absolute), f"accuracy {absolute:.4f} (given)"
+    for name in reference:
+        bests = [r.best_accuracy() for r in runs if r.method == name and r.ok]
+        mean, _ = _mean_spread(bests)
+        if mean is not None:
+            return fraction * mean, f"{fraction:.0%} of the best {name} accuracy ({mean:.4f})"
+    return None, f"none: no successful run of {' or '.join(reference)}"
+
+
+COLUMNS = (
+    "method", "status", "seeds_ok", "seeds",
+    "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "device_acc_mean", "device_acc_std",
+    "target_reached", "rounds_to_target_mean", "rounds_to_target_std",
+    "seconds_to_target_mean", "seconds_to_target_std",
+    "mb_up_mean", "mb_up_std", "mb_down_mean", "mb_down_std", "sec_per_round_mean", "sec_per_round_std",
+    "error",
+)
+
+
+def compare_rows(runs: Sequence[RunResult], target: Optional[float]) -> list[dict[str, Any]]:
+    """One row per method, in first-seen order: means and spreads over its successful seeds."""
+    methods = list(dict.fromkeys(r.method for r in runs))
+    rows = []
+    for name in methods:
+        mine = [r for r in runs if r.method == name]
+        good = [r for r in mine if r.ok]
+        errors = [f"seed {r.seed}: {r.error}" for r in mine if not r.ok]
+        row: dict[str, Any] = {"method": name, "seeds_ok": len(good), "seeds": len(mine),
+                               "status": "ok" if len(good) == len(mine) else ("failed" if not good else "partial"),
+                               "error": " | ".join(errors) or None}
+        for key, values in (
+            ("final_acc", [r.final_accuracy() for r in good]),
+            ("best_acc", [r.best_accuracy() for r in good]),
+            ("device_acc", [r.final_device_accuracy() for r in good]),
+            ("mb_up", [r.total_mb("bytes_up") for r in good]),
+            ("mb_down", [r.total_mb("bytes_down") for r in good]),
+            ("sec_per_round", [r.seconds_per_round() for r in good]),
+        ):
+            row[f"{key}_mean"], row[f"{key}_std"] = _mean_spread(values)
+        reached = [r.reach(target) for r in good] if target is not None else []
+        hits = [x for x in reached if x is not None]
+        row["target_reached"] = f"{len(hits)}/{len(good)}" if target is not None else None
+        # Rounds and seconds to target are averaged over the seeds that reached it.
+        row["rounds_to_target_mean"], row["rounds_to_target_std"] = _mean_spread([h[0] for h in hits])
+        row["seconds_to_target_mean"], row["seconds_to_target_std"] = _mean_spread([h[1] for h in hits])
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: Sequence[dict], path: str | Path) -> None:
+    """compare.csv: one line per method, every COLUMNS field (empty = not available)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+    atomic_write_text(path, buf.getvalue())
+
+
+def _pm(mean: Optional[float], std: Optional[float], spec: str) -> str:
+    if mean is None:
+        return "-"
+    return format(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
+
+
+def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: str) -> str:
+    """The comparison as a Markdown table with a short legend."""
+    lines = [
+        "| method | final acc | best acc | device acc | rounds to target | s to target | MB up | MB down | s/round | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["status"] == "failed":
+            err = (r["error"] or "").replace("|", "/").replace("\n", " ")
+            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | 0/{r['seeds']} |")
+            continue
+        reached = r["target_reached"] or "-"
+        lines.append(
+            f"| {r['method']} | {_pm(r['final_acc_mean'], r['final_acc_std'], '.4f')} "
+            f"| {_pm(r['best_acc_mean'], r['best_acc_std'], '.4f')} "
+            f"| {_pm(r['device_acc_mean'], r['device_acc_std'], '.4f')} "
+            f"| {_pm(r['rounds_to_target_mean'], r['rounds_to_target_std'], '.1f')} ({reached}) "
+            f"| {_pm(r['seconds_to_target_mean'], r['seconds_to_target_std'], '.0f')} "
+            f"| {_pm(r['mb_up_mean'], r['mb_up_std'], '.2f')} | {_pm(r['mb_down_mean'], r['mb_down_std'], '.2f')} "
+            f"| {_pm(r['sec_per_round_mean'], r['sec_per_round_std'], '.1f')} | {r['seeds_ok']}/{r['seeds']} |")
+    legend = [
+        "",
+        f"Target: {target_note}" + ("" if target is None else f" = {target:.4f}") + ". Rounds and seconds to "
+        "target average the seeds that reached it (reached/successful seeds in brackets).",
+        "Values are mean ± sample standard deviation over seeds (no ± with one seed). MB are tensor payload "
+        "megabytes summed over rounds and devices; s/round is the mean round time on the server.",
+    ]
+    failed = [r for r in rows if r["status"] == "partial"]
+    for r in failed:
+        legend.append(f"{r['method']}: some seeds failed: {r['error']}")
+    return "\n".join(lines + legend) + "\n"
+
+
+def write_markdown(rows: Sequence[dict], path: str | Path, target: Optional[float], target_note: str,
+                   header: str = "") -> None:
+    """compare.md: an optional header (command, setting) and the table."""
+    atomic_write_text(path, (header + "\n" if header else "") + markdown_table(rows, target, target_note))

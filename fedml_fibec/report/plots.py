@@ -1,0 +1,69 @@
+"""Accuracy curves of a comparison: against round, wall seconds and MB uploaded, one line per method."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .compare import RunResult  # noqa: E402
+
+# x axis name -> (label, value of a record given the run's records up to it)
+AXES = {
+    "round": "round",
+    "seconds": "wall seconds",
+    "mb_up": "MB uploaded (cumulative)",
+}
+
+
+def _curve(run: RunResult, axis: str) -> tuple[list[float], list[float]]:
+    """(x, accuracy) of a run's evaluated rounds on the chosen axis."""
+    xs, ys, up = [], [], 0.0
+    for r in run.records:
+        up += (r.get("bytes_up") or 0) / 1e6
+        if r.get("global_accuracy") is None:
+            continue
+        xs.append({"round": r["round"] + 1, "seconds": r.get("wall_seconds") or 0.0, "mb_up": up}[axis])
+        ys.append(r["global_accuracy"])
+    return xs, ys
+
+
+def _mean_curve(runs: Sequence[RunResult], axis: str) -> tuple[list[float], list[float]]:
+    """Point-wise mean over seeds, up to the shortest run (x is averaged too)."""
+    curves = [_curve(r, axis) for r in runs]
+    n = min(len(c[0]) for c in curves)
+    xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]
+    ys = [sum(c[1][i] for c in curves) / len(curves) for i in range(n)]
+    return xs, ys
+
+
+def plot_curves(runs: Sequence[RunResult], out_dir: str | Path, target: float | None = None) -> list[Path]:
+    """accuracy_vs_round.png, accuracy_vs_seconds.png, accuracy_vs_mb_up.png; returns the paths."""
+    out_dir = Path(out_dir)
+    methods = list(dict.fromkeys(r.method for r in runs if r.ok))
+    paths = []
+    for axis, label in AXES.items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for name in methods:
+            xs, ys = _mean_curve([r for r in runs if r.method == name and r.ok], axis)
+            if xs:
+                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        if target is not None:
+            ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("global test accuracy")
+        if axis == "mb_up":
+            ax.set_xscale("log")  # methods differ by orders of magnitude in what they send
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+        fig.tight_layout()
+        path = out_dir / f"accuracy_vs_{axis}.png"
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=110)
+        plt.close(fig)
+        tmp.replace(path)  # atomic: a reader never sees half a PNG
+        paths.append(path)
+    return paths

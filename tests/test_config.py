@@ -1,0 +1,88 @@
+"""The config schema: every bad key, type, value or combination stops the run with a message naming it."""
+import pytest
+import yaml
+
+from fedml_fibec.config import SECTIONS, load_config, describe_keys
+from fedml_fibec.errors import ConfigError
+from fedml_fibec.integration.runner import check_world
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_are_valid_and_main_job_shaped():
+    cfg = load_config()
+    assert cfg.train_args.federated_optimizer == "FibecFed"
+    assert cfg.train_args.client_num_per_round == 10 and cfg.worker_num == 10
+    assert cfg.data_args.partition_method == "dirichlet" and cfg.data_args.partition_alpha == 1.0
+
+
+def test_set_flat_and_sectioned_keys_parse_yaml_values():
+    cfg = load_config(None, ["comm_round=2", "fibec_args.g0=1", "lora_target_modules=[query, value]",
+                             "gal_ratio=null", "gal_mass=0.6"])
+    assert cfg.train_args.comm_round == 2 and isinstance(cfg.fibec_args.g0, float)
+    assert cfg.model_args.lora_target_modules == ["query", "value"]
+    assert cfg.fibec_args.gal_ratio is None and cfg.fibec_args.gal_mass == 0.6
+
+
+def test_file_values_and_overrides_apply_in_order(tmp_path):
+    path = write(tmp_path, {"train_args": {"comm_round": 5, "learning_rate": 0.01}})
+    cfg = load_config(path, ["comm_round=7"])
+    assert cfg.train_args.comm_round == 7 and cfg.train_args.learning_rate == 0.01
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["comm_rnd=2"], ["comm_rnd", "comm_round"]),
+    (["comm_round=two"], ["comm_round", "int"]),
+    (["client_optimizer=adam"], ["client_optimizer", "adamw"]),
+    (["gal_ratio=1.5"], ["gal_ratio", "(0, 1]"]),
+    (["gal_mass=0.5"], ["gal_mass", "exactly one"]),
+    (["client_num_per_round=200"], ["client_num_per_round", "client_num_in_total"]),
+    (["data_source=files"], ["train_file"]),
+    (["data_source=files", "train_file=/no/such.csv"], ["train_file", "/no/such.csv"]),
+    (["model=./missing_model_dir"], ["model", "missing_model_dir"]),
+    (["worker_num=3"], ["worker_num", "client_num_per_round"]),
+    (["using_mlops=true"], ["using_mlops", "offline"]),
+    (["backend=GRPC"], ["grpc_ipconfig_path"]),
+    (["nosection.comm_round=1"], ["nosection"]),
+    (["comm_round"], ["KEY=VALUE"]),
+])
+def test_bad_overrides_name_the_key(overrides, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_bad_files_name_the_file_and_key(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="unknown section 'train_arg'.*train_args"):
+        load_config(write(tmp_path, {"train_arg": {"comm_round": 1}}))
+    with pytest.raises(ConfigError, match="unknown key 'train_args.epochs'"):
+        load_config(write(tmp_path, {"train_args": {"epochs": 1}}))
+    with pytest.raises(ConfigError, match="rank must not be set"):
+        load_config(write(tmp_path, {"common_args": {"rank": 1}}))
+    path = tmp_path / "broken.yaml"
+    path.write_text("train_args: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(path))
+
+
+def test_rank_count_must_match_clients_per_round():
+    cfg = load_config(None, ["client_num_per_round=2", "client_num_in_total=4"])
+    check_world(cfg, 3)
+    with pytest.raises(ConfigError, match="needs 3 processes.*5 were started"):
+        check_world(cfg, 5)
+    with pytest.raises(ConfigError, match="mpirun -np 3"):
+        check_world(cfg, 1)
+
+
+def test_every_key_is_documented_once():
+    table = describe_keys()
+    for cls in SECTIONS.values():
+        for name in cls.__dataclass_fields__:
+            assert f"| `{name}` |" in table

@@ -1,0 +1,95 @@
+"""The comparison report from synthetic run folders (no MPI): numbers in CSV/Markdown, valid PNGs."""
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fedml_fibec.report import compare_rows, load_runs, plot_curves, target_accuracy, write_csv, write_markdown
+
+
+def write_run(root: Path, method: str, seed: int, accs, *, up=1_000_000, down=2_000_000, secs=10.0,
+              device=None, failed: str | None = None) -> None:
+    folder = root / method / f"seed{seed}"
+    folder.mkdir(parents=True)
+    status = {"method": method, "seed": seed, "status": "failed" if failed else "ok", "error": failed}
+    (folder / "run.json").write_text(json.dumps(status))
+    if failed:
+        return
+    lines = []
+    for i, a in enumerate(accs):
+        lines.append(json.dumps({"round": i, "method": method, "wall_seconds": secs * (i + 1), "round_seconds": secs,
+                                 "global_accuracy": a, "device_accuracy": device, "bytes_up": up,
+                                 "bytes_down": down}))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "summary.json").write_text(json.dumps({"method": method, "rounds": len(accs)}))
+
+
+@pytest.fixture
+def comparison(tmp_path):
+    root = tmp_path / "cmp"
+    write_run(root, "FedAvg-LoRA", 0, [0.5, 0.7, 0.8], device=0.6)
+    write_run(root, "FedAvg-LoRA", 1, [0.5, 0.6, 0.6], device=0.7)
+    write_run(root, "FibecFed", 0, [0.6, 0.7, 0.75], up=250_000, secs=5.0, device=0.8)
+    write_run(root, "FibecFed", 1, [0.6, 0.68, 0.7], up=250_000, secs=7.0, device=0.9)
+    write_run(root, "FedML-FedNova", 0, [], failed="exit code 1: boom")
+    return root
+
+
+def test_rows_means_spreads_and_target(comparison):
+    runs = load_runs(comparison, ["FedAvg-LoRA", "FibecFed", "FedML-FedNova"])
+    target, note = target_accuracy(runs)
+    assert target == pytest.approx(0.95 * (0.8 + 0.6) / 2)  # 0.665
+    assert "FedAvg-LoRA" in note
+    rows = {r["method"]: r for r in compare_rows(runs, target)}
+    fa, fb, nova = rows["FedAvg-LoRA"], rows["FibecFed"], rows["FedML-FedNova"]
+    assert fa["final_acc_mean"] == pytest.approx(0.7)
+    assert fa["final_acc_std"] == pytest.approx(statistics.stdev([0.8, 0.6]))
+    assert fa["best_acc_mean"] == pytest.approx(0.7)
+    assert fa["device_acc_mean"] == pytest.approx(0.65)
+    # FedAvg-LoRA reaches 0.665 at round 2 (seed 0, 20 s) and never with seed 1 (best 0.6).
+    assert fa["target_reached"] == "1/2"
+    assert fa["rounds_to_target_mean"] == pytest.approx(2) and fa["rounds_to_target_std"] is None
+    assert fa["seconds_to_target_mean"] == pytest.approx(20.0)
+    # FibecFed: round 2 in both seeds, at 10 s and 14 s.
+    assert fb["target_reached"] == "2/2"
+    assert fb["rounds_to_target_mean"] == pytest.approx(2)
+    assert fb["seconds_to_target_mean"] == pytest.approx(12.0)
+    assert fb["seconds_to_target_std"] == pytest.approx(statistics.stdev([10.0, 14.0]))
+    assert fb["mb_up_mean"] == pytest.approx(0.75) and fb["mb_down_mean"] == pytest.approx(6.0)
+    assert fb["sec_per_round_mean"] == pytest.approx(6.0)
+    assert nova["status"] == "failed" and "boom" in nova["error"]
+
+
+def test_absolute_target_and_missing_reference(comparison):
+    runs = load_runs(comparison, ["FibecFed"])
+    assert target_accuracy(runs, absolute=0.7)[0] == 0.7
+    target, note = target_accuracy(runs)
+    assert target is None and "no successful run" in note
+    assert compare_rows(runs, None)[0]["target_reached"] is None
+
+
+def test_csv_markdown_and_plots(comparison):
+    runs = load_runs(comparison, ["FedAvg-LoRA", "FibecFed", "FedML-FedNova"])
+    target, note = target_accuracy(runs)
+    rows = compare_rows(runs, target)
+    write_csv(rows, comparison / "compare.csv")
+    write_markdown(rows, comparison / "compare.md", target, note, "# header")
+    table = {r["method"]: r for r in csv.DictReader(open(comparison / "compare.csv"))}
+    assert float(table["FibecFed"]["final_acc_mean"]) == pytest.approx(0.725)
+    assert table["FedML-FedNova"]["status"] == "failed" and table["FedML-FedNova"]["final_acc_mean"] == ""
+    md = (comparison / "compare.md").read_text()
+    assert md.startswith("# header")
+    assert "| FibecFed | 0.7250 ± 0.0354 | 0.7250 ± 0.0354 | 0.8500 ± 0.0707 | 2.0 ± 0.0 (2/2) | 12 ± 3 |" in md
+    assert "**failed**: seed 0: exit code 1: boom" in md
+    assert "0.6650" in md
+    for path in plot_curves(runs, comparison, target):
+        with Image.open(path) as img:
+            img.verify()
+            assert img.format == "PNG"
+    assert sorted(p.name for p in comparison.glob("*.png")) == [
+        "accuracy_vs_mb_up.png", "accuracy_vs_round.png", "accuracy_vs_seconds.png"]
