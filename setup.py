@@ -34,9 +34,8 @@ setup(
     version="0.1.0",
     description="FibecFed: Fisher information-based curriculum federated LoRA fine-tuning for FedML",
     packages=find_packages(include=["fedml_fibec", "fedml_fibec.*"]),
-    package_data={"fedml_fibec": ["defaults/*.yaml"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "psutil>=5"]},
     license="Apache-2.0",
 )

@@ -260,6 +260,12 @@ def _type_name(annotation: str) -> str:
 
 def _set_value(cfg: RunConfig, section: str, name: str, value: Any, where: str) -> None:
     f = next(f for f in fields(SECTIONS[section]) if f.name == name)
+    if isinstance(value, str) and "float" in str(f.type):
+        # PyYAML (YAML 1.1) reads 5e-3 as a string; a user writing it means the number.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if not _type_ok(value, f.type):
         raise ConfigError(f"{where}: {section}.{name} = {value!r} has the wrong type: expected {_type_name(f.type)}")
     if isinstance(value, int) and not isinstance(value, bool) and "float" in str(f.type):

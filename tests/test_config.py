@@ -21,9 +21,10 @@ def test_defaults_are_valid_and_main_job_shaped():
 
 
 def test_set_flat_and_sectioned_keys_parse_yaml_values():
-    cfg = load_config(None, ["comm_round=2", "fibec_args.g0=1", "lora_target_modules=[query, value]",
+    cfg = load_config(None, ["comm_round=2", "fibec_args.g0=1", "learning_rate=5e-3", "lora_target_modules=[query, value]",
                              "gal_ratio=null", "gal_mass=0.6"])
     assert cfg.train_args.comm_round == 2 and isinstance(cfg.fibec_args.g0, float)
+    assert cfg.train_args.learning_rate == 0.005
     assert cfg.model_args.lora_target_modules == ["query", "value"]
     assert cfg.fibec_args.gal_ratio is None and cfg.fibec_args.gal_mass == 0.6
 
@@ -86,3 +87,25 @@ def test_every_key_is_documented_once():
     for cls in SECTIONS.values():
         for name in cls.__dataclass_fields__:
             assert f"| `{name}` |" in table
+
+
+def test_shipped_default_yaml_is_the_embedded_default():
+    from pathlib import Path
+
+    shipped = load_config(str(Path(__file__).resolve().parent.parent / "config" / "fibecfed_mr_minilm.yaml"))
+    assert shipped.to_sections() == load_config().to_sections()
+
+
+def test_every_shipped_config_is_valid():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parent.parent / "config").glob("*.yaml")):
+        if "gpu_mapping" not in path.name:
+            load_config(str(path))
+
+
+def test_config_doc_lists_every_key_as_the_schema_says():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md").read_text()
+    assert describe_keys() in doc
