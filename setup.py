@@ -24,6 +24,9 @@ INSTALL_REQUIRES = [
     # Reads the SmolLM2 GGUF asset.
     "gguf>=0.10",
     "mpi4py>=3.1",
+    # The GRPC backend (cross-silo across hosts): fedml 0.9.6 imports grpc for it but does not
+    # install it.
+    "grpcio>=1.50",
     "matplotlib>=3.7",
     "tqdm>=4.60",
     "pyyaml>=6.0",

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -215,6 +216,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     root = Path(ns.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
+    # SIGTERM unwinds like Ctrl-C, so the running mpirun is stopped with its ranks (launch's handler).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     jobs = [(m, s) for s in range(ns.seeds) for m in methods]
     started = time.time()
     failed = 0

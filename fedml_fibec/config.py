@@ -90,6 +90,12 @@ class TrainArgs:
     local_steps: int = _f(8, "Local optimizer steps per device per round.")
     batch_size: int = _f(16, "Local minibatch size.")
     learning_rate: float = _f(2e-3, "Local learning rate.")
+    lr_schedule: str = _f("cosine", "Local learning rate across rounds: constant, or cosine decay from "
+                          "learning_rate at round 0 to min_lr_ratio * learning_rate at the last round.",
+                          ("constant", "cosine"))
+    min_lr_ratio: float = _f(0.1, "Final/initial learning rate ratio of the cosine schedule.")
+    head_learning_rate: Optional[float] = _f(None, "Local learning rate of the classification head; "
+                                             "null = learning_rate.")
     weight_decay: float = _f(0.0, "Local AdamW weight decay.")
     client_optimizer: str = _f("adamw", "Local optimizer.", ("adamw", "sgd"))
     max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 = off).")
@@ -125,6 +131,14 @@ class CommArgs:
     grpc_ipconfig_path: Optional[str] = _f(None, "GRPC: FedML ipconfig CSV (eid,rank,grpc_server_ip,"
                                            "grpc_server_port).")
     payload_dtype: str = _f("float32", "Dtype of tensors on the wire.", ("float32", "bfloat16", "float16"))
+    round_timeout_s: Optional[float] = _f(None, "GRPC: seconds the server waits for a round's uploads (and for "
+                                          "silos at start-up and at the end) before going on with the silos "
+                                          "that answered; null = wait forever (FedML's behaviour).")
+    min_silos_per_round: Optional[int] = _f(None, "GRPC: fewest silos that must answer a timed-out round for it "
+                                            "to count (the others are dropped until they come back); fewer "
+                                            "stops the run with an error. null = all silos.")
+    connect_timeout_s: float = _f(120.0, "GRPC: seconds a process keeps retrying to reach a peer that is not "
+                                  "(yet) listening, e.g. a silo started before the server.")
 
 
 @dataclass
@@ -376,6 +390,9 @@ def validate(cfg: RunConfig) -> None:
     _require(t.local_steps >= 1, "local_steps", t.local_steps, "at least 1", s)
     _require(t.batch_size >= 1, "batch_size", t.batch_size, "at least 1", s)
     _require(t.learning_rate > 0, "learning_rate", t.learning_rate, "a positive number", s)
+    _require(0 < t.min_lr_ratio <= 1, "min_lr_ratio", t.min_lr_ratio, "a number in (0, 1]", s)
+    _require(t.head_learning_rate is None or t.head_learning_rate > 0, "head_learning_rate",
+             t.head_learning_rate, "a positive number or null", s)
     _require(t.weight_decay >= 0, "weight_decay", t.weight_decay, "a non-negative number", s)
     _require(t.max_grad_norm >= 0, "max_grad_norm", t.max_grad_norm, "a non-negative number", s)
     _require(t.fedprox_mu >= 0, "fedprox_mu", t.fedprox_mu, "a non-negative number", s)
@@ -398,7 +415,15 @@ def validate(cfg: RunConfig) -> None:
                  "the key inside gpu_mapping_file when it is set", s)
     if c.backend == "GRPC":
         _require(c.grpc_ipconfig_path is not None and Path(c.grpc_ipconfig_path).is_file(), "grpc_ipconfig_path",
-                 c.grpc_ipconfig_path, "an existing ipconfig CSV when backend=GRPC", s)
+                 c.grpc_ipconfig_path, "an existing ipconfig CSV when backend=GRPC (make one with "
+                 "run_scripts/make_ipconfig.py)", s)
+        _check_cross_silo(cfg)
+    else:
+        for key in ("round_timeout_s", "min_silos_per_round"):
+            _require(getattr(c, key) is None, key, getattr(c, key),
+                     "null with backend=MPI (under mpirun a lost rank ends the whole job; the round timeout "
+                     "is for backend=GRPC)", s)
+    _require(c.connect_timeout_s > 0, "connect_timeout_s", c.connect_timeout_s, "a positive number of seconds", s)
     # fibec
     _require(0 < fb.g0 <= 1, "g0", fb.g0, "a number in (0, 1]", s)
     _require(fb.T_c is None or fb.T_c >= 0, "T_c", fb.T_c, "null or a non-negative number of rounds", s)
@@ -439,6 +464,21 @@ def _check_engine(cfg: RunConfig) -> None:
         _require(method in METHODS, "federated_optimizer", method,
                  f"one of {list(METHODS)} when training_type=cross_silo ({method} is FedML's own: "
                  "set training_type=simulation)", s)
+
+
+def _check_cross_silo(cfg: RunConfig) -> None:
+    """GRPC cross-silo: one process per silo, and each silo is one fixed device (its own data)."""
+    s, t, c = cfg.source, cfg.train_args, cfg.comm_args
+    _require(cfg.common_args.training_type == "cross_silo", "training_type", cfg.common_args.training_type,
+             "cross_silo when backend=GRPC", s)
+    _require(t.client_num_in_total == t.client_num_per_round, "client_num_in_total", t.client_num_in_total,
+             f"equal to client_num_per_round ({t.client_num_per_round}) when backend=GRPC: every silo is one "
+             "fixed device holding its own data (silo r serves device r-1 every round)", s)
+    _require(c.round_timeout_s is None or c.round_timeout_s > 0, "round_timeout_s", c.round_timeout_s,
+             "null (wait forever) or a positive number of seconds", s)
+    _require(c.min_silos_per_round is None or 1 <= c.min_silos_per_round <= t.client_num_per_round,
+             "min_silos_per_round", c.min_silos_per_round,
+             f"null (all silos) or between 1 and client_num_per_round ({t.client_num_per_round})", s)
 
 
 def dump_yaml(cfg: RunConfig) -> str:

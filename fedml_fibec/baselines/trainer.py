@@ -19,10 +19,10 @@ from .. import algorithm as alg
 from ..config import RunConfig
 from ..data import DeviceData, EncodedSet
 from ..integration.fedml_glue import sample_devices
-from ..integration.local import evaluate, make_optimizer, train_steps
+from ..integration.local import evaluate, make_optimizer, round_lr_scale, train_steps
 from ..integration.state_store import DeviceStateStore
 from ..integration.trainer import derived_seed
-from ..models import load_trainable_state, trainable_state_dict
+from ..models import head_parameter_names, load_trainable_state, trainable_state_dict
 
 
 class Upload(OrderedDict):
@@ -65,6 +65,7 @@ class BaselineClientTrainer(ClientTrainer):
         self.eval_set = device_eval_subset(test_set, n_eval, cfg.common_args.random_seed) if n_eval > 0 else None
         self.global_params: Optional[dict[str, torch.Tensor]] = None
         self.upload: Optional[Upload] = None
+        self.head_names = head_parameter_names(model)
 
     # FedML hooks -------------------------------------------------------------------------------
     def get_model_params(self):
@@ -83,15 +84,23 @@ class BaselineClientTrainer(ClientTrainer):
         # mu = 0 adds nothing at all, so FedProx(mu=0) is FedAvg bit for bit.
         extra = proximal_term({k: params[k] for k in self.global_params}, self.global_params, mu) if mu > 0 else None
         tr = self.cfg.train_args
-        stats = self.local_round(train_data, device, int(args.round_idx),
-                                 lambda: make_optimizer(self.model, tr.client_optimizer, tr.learning_rate,
-                                                        tr.weight_decay), extra)
+        round_idx = int(args.round_idx)
+        lr, head_lr = self.learning_rates(round_idx)
+        stats = self.local_round(train_data, device, round_idx,
+                                 lambda: make_optimizer(self.model, tr.client_optimizer, lr, tr.weight_decay,
+                                                        head_lr=head_lr, head_names=self.head_names), extra)
         self.upload = Upload({k: v.cpu() for k, v in trainable_state_dict(self.model).items()}, stats)
 
     def test(self, test_data, device, args):
         return None
 
     # one round ------------------------------------------------------------------------------------
+    def learning_rates(self, round_idx: int) -> tuple[float, Optional[float]]:
+        """This round's local learning rate and head learning rate: our path's schedule."""
+        tr = self.cfg.train_args
+        scale = round_lr_scale(round_idx, tr.comm_round, tr.lr_schedule, tr.min_lr_ratio)
+        return tr.learning_rate * scale, None if tr.head_learning_rate is None else tr.head_learning_rate * scale
+
     def local_round(self, train_data: DeviceData, device, round_idx: int,
                     make_opt: Callable[[], torch.optim.Optimizer],
                     extra_loss: Optional[Callable[[], torch.Tensor]] = None) -> dict:
@@ -147,11 +156,15 @@ class FedNovaClientTrainer(BaselineClientTrainer, FedNovaModelTrainer):
         ratio = self.participant_share(train_data.device_id, round_idx)
         init = {k: v.detach().clone() for k, v in trainable_state_dict(self.model).items()}
 
+        lr, head_lr = self.learning_rates(round_idx)
+
         def make_opt():
-            params = [p for p in self.model.parameters() if p.requires_grad]
+            # The same parameter groups as make_optimizer (the head may have its own learning rate).
+            groups = make_optimizer(self.model, "sgd", lr, tr.weight_decay, head_lr=head_lr,
+                                    head_names=self.head_names).param_groups
             # Vanilla FedNova: plain SGD locally, no proximal term, no server momentum (gmf).
-            return FedNova(params, ratio=ratio, gmf=0.0, mu=0.0, lr=tr.learning_rate, momentum=0.0,
-                           weight_decay=tr.weight_decay)
+            return FedNova([{"params": g["params"], "lr": g["lr"]} for g in groups], ratio=ratio, gmf=0.0, mu=0.0,
+                           lr=lr, momentum=0.0, weight_decay=tr.weight_decay)
         stats = self.local_round(train_data, device, round_idx, make_opt)
         cur = trainable_state_dict(self.model)
         # FedML's own formulas: norm_grad = p_i (w_init - w) / a_i, tau_eff = p_i a_i.

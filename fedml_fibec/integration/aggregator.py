@@ -60,6 +60,24 @@ class FibecServerAggregator(ServerAggregator):
         """Rounds FedML must run: the training rounds plus the scoring exchange if any."""
         return self.cfg.train_args.comm_round + (1 if self.phase == PHASE_SCORE else 0)
 
+    def state_dict(self) -> dict:
+        """Everything the server needs to continue after this point (checkpoint.py writes it)."""
+        return {"global_tensors": OrderedDict((k, v.clone()) for k, v in self.global_tensors.items()),
+                "gal": None if self.gal is None else list(self.gal), "phase": self.phase, "round": self.round,
+                "layer_scores": self.layer_scores, "carry": dict(self._carry),
+                "round_bytes_down": getattr(self, "_round_bytes_down", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict() taken after a completed exchange."""
+        for k, v in state["global_tensors"].items():
+            self.global_tensors[k] = v.float().clone()
+        self.gal = None if state["gal"] is None else list(state["gal"])
+        self.phase, self.round, self.layer_scores = state["phase"], state["round"], state["layer_scores"]
+        self._carry = dict(state["carry"])
+        self._round_bytes_down = state["round_bytes_down"]
+        self._pending = None
+        self._round_started = time.time()
+
     # FedML hooks -------------------------------------------------------------------------------
     def get_model_params(self):
         return self._outgoing()

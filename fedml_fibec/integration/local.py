@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -29,12 +30,25 @@ def length_sorted_batches(attention_mask: torch.Tensor, batch_size: int) -> list
     return list(order.split(batch_size))
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """A fresh local optimizer over the parameters that require grad."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def round_lr_scale(round_idx: int, total_rounds: int, schedule: str, min_ratio: float) -> float:
+    """Factor on the local learning rate in a round: 1, or cosine from 1 down to min_ratio."""
+    if schedule == "constant" or total_rounds <= 1:
+        return 1.0
+    progress = min(1.0, round_idx / (total_rounds - 1))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, *,
+                   head_lr: Optional[float] = None, head_names: Sequence[str] = ()) -> torch.optim.Optimizer:
+    """A fresh local optimizer over the parameters that require grad; the head may have its own lr."""
+    head = set(head_names) if head_lr is not None else set()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if n not in head], "lr": lr}]
+    if head:
+        groups.append({"params": [p for n, p in named if n in head], "lr": head_lr})
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.SGD(groups, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def _autocast(device: torch.device, bf16: bool):

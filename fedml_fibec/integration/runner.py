@@ -2,6 +2,8 @@
 
 Under `mpirun -np K+1`, rank 0 is the server and ranks 1..K are client processes; each round the
 server samples K of the `client_num_in_total` devices and each client process serves one of them.
+With `backend: GRPC` (cross-silo across hosts) every process is started on its own with `--rank R`:
+rank 0 is the server, silo r (1..N) holds device r-1 only (integration/cross_silo.py).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..atomic import atomic_write_text
 from ..config import RunConfig, dump_yaml, load_config
 from ..errors import ConfigError, FibecError
 from .offline import disable_fedml_cloud, guard_outbound_connections, set_offline_environment
@@ -26,11 +29,17 @@ log = logging.getLogger("fedml_fibec")
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     """Command line of run_fibec.py."""
     p = argparse.ArgumentParser(description="Run FibecFed (or FedAvg-LoRA) over FedML. Launch with "
-                                "`mpirun -np <client_num_per_round + 1> python run_scripts/run_fibec.py`.")
+                                "`mpirun -np <client_num_per_round + 1> python run_scripts/run_fibec.py`, or "
+                                "with backend GRPC one process per host with --rank R (docs/DEPLOYMENT.md).")
     p.add_argument("--cf", help="YAML config (FedML sections + fibec_args); default: the embedded default")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (flat `comm_round=2` or `train_args.comm_round=2`); repeatable")
     p.add_argument("--out", help="results folder (default: results/<time>-<method>)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="backend GRPC: this process's rank (0 = server, 1..N = silos); under mpirun the MPI rank")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR (its results folder) from its last completed round; the "
+                        "config is DIR/config.yaml (with --cf, that config must match it)")
     return p.parse_args(argv)
 
 
@@ -122,12 +131,18 @@ def check_world(cfg: RunConfig, world_size: int) -> None:
             f"run `mpirun -np {expected} ...` or set client_num_per_round={world_size - 1}")
 
 
-def run(cfg: RunConfig, tables, out_dir: Path, world: MpiWorld) -> Optional[dict]:
+def run(cfg: RunConfig, tables, out_dir: Path, world: MpiWorld, resume: bool = False) -> Optional[dict]:
     """Run this rank's part of the federated job; the server returns the summary."""
     import torch
 
     rank = world.rank
-    torch.set_num_threads(_torch_threads(cfg, rank, world.size))
+    procs_here = world.size
+    if cfg.comm_args.backend == "GRPC":  # processes of this run on this host share its cores
+        from .ipconfig import read_ipconfig
+
+        table = read_ipconfig(cfg.comm_args.grpc_ipconfig_path)
+        procs_here = sum(1 for e in table.values() if e.address == table[rank].address)
+    torch.set_num_threads(_torch_threads(cfg, rank, procs_here))
     cache_dir = Path(os.environ["FEDML_FIBEC_CACHE"])
     state_dir = Path(cfg.fibec_args.state_dir or out_dir / "device_state")
 
@@ -148,53 +163,83 @@ def run(cfg: RunConfig, tables, out_dir: Path, world: MpiWorld) -> Optional[dict
     from .state_store import DeviceStateStore
 
     store = DeviceStateStore(state_dir)
-    token = world.bcast(uuid.uuid4().hex if rank == 0 else None)
-    if rank == 0:
-        store.write_token(token)
-    world.barrier()
-    store.check_shared(token)
+    grpc = cfg.comm_args.backend == "GRPC"
+    if not grpc:  # under MPI every rank must see the one store; each GRPC silo has its own
+        token = world.bcast(uuid.uuid4().hex if rank == 0 else None)
+        if rank == 0:
+            store.write_token(token)
+        world.barrier()
+        store.check_shared(token)
     if cfg.common_args.training_type == "simulation":  # FedML's own algorithms (baselines)
         from ..baselines.runner import run_simulation
 
         return run_simulation(cfg, out_dir, world, model, fed_data, store)
 
     import fedml
-    from fedml.cross_silo.client import client_initializer
-    from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
+    from fedml.cross_silo.client.fedml_trainer_dist_adapter import TrainerDistAdapter
 
     from ..data import to_fedml_dataset
     from ..metrics import MetricsLog
     from .aggregator import FibecServerAggregator
-    from . import mpi_transport
+    from . import checkpoint, grpc_transport, mpi_transport
+    from .cross_silo import FibecClientManager, FibecServerManager, silo_dataset
     from .fedml_glue import RoundSampledAggregator, fedml_arguments
     from .trainer import FibecClientTrainer
 
-    if cfg.comm_args.backend == "MPI":
+    if grpc:
+        grpc_transport.install()
+    else:
         mpi_transport.install()
     dataset = to_fedml_dataset(fed_data)
+    if grpc:  # a silo keeps only its own partition; the server keeps none (it needs the test set)
+        dataset = silo_dataset(dataset, rank - 1 if rank else None)
+        fed_data.train = [d for d in fed_data.train if rank and d.device_id == rank - 1]
     fedml_rounds = cfg.train_args.comm_round + (1 if _has_scoring_exchange(cfg) else 0)
-    args = fedml_arguments(cfg, rank, world.comm, fedml_rounds=fedml_rounds)
+    resumed = checkpoint.load(out_dir) if rank == 0 and resume else None
+    done = resumed["exchanges_done"] if resumed else 0
+    if resumed and done >= fedml_rounds:
+        raise ConfigError(f"--resume {out_dir}: the run is already complete ({done} of {fedml_rounds} "
+                          "exchanges); see its summary.json")
+    if rank == 0 and resume and resumed is None:
+        log.warning("--resume %s: no checkpoint yet (no exchange completed); starting from round 0", out_dir)
+    # FedML runs the exchanges that remain (all of them on the clients: they stop on the server's word).
+    args = fedml_arguments(cfg, rank, world.comm, fedml_rounds=fedml_rounds - done)
     fedml.init(args, check_env=False, should_init_logs=False)
     device = fedml.device.get_device(args)
     model.to(device)
     if rank != 0:
         trainer = FibecClientTrainer(model, args, cfg, store)
-        client_initializer.init_client(args, device, world.comm, rank, cfg.worker_num, model, dataset[0],
-                                       dataset[4], dataset[5], dataset[6], trainer)
+        adapter = TrainerDistAdapter(args, device, rank, model, dataset[0], dataset[4], dataset[5], dataset[6],
+                                     trainer)
+        FibecClientManager(args, adapter, world.comm, rank, cfg.worker_num, cfg.comm_args.backend, cfg=cfg,
+                           store=store).run()
         return None
     metrics = MetricsLog(out_dir, cfg.train_args.federated_optimizer, cfg.train_args.comm_round)
     aggregator = FibecServerAggregator(model, args, cfg, fed_data.test, metrics, device)
     assert aggregator.fedml_rounds == fedml_rounds
     aggregator.set_id(0)
+    if resumed:
+        checkpoint.restore(resumed, aggregator=aggregator, metrics=metrics)
+        log.info("resumed from %s: %d of %d exchanges done (round %d)", checkpoint.checkpoint_path(out_dir), done,
+                 fedml_rounds, aggregator.round)
     server_side = RoundSampledAggregator(
         dataset[2], dataset[3], dataset[0], dataset[5], dataset[6], dataset[4], cfg.worker_num, device, args,
-        aggregator, seed=cfg.common_args.random_seed, scoring_exchange=fedml_rounds > cfg.train_args.comm_round)
+        aggregator, seed=cfg.common_args.random_seed, scoring_exchange=fedml_rounds > cfg.train_args.comm_round,
+        first_round=resumed["sampler_next"] if resumed else 0)
     log.info("server on %s: %d rounds (%d FedML exchanges), %d devices, %d per round; results in %s",
              device, cfg.train_args.comm_round, fedml_rounds, cfg.train_args.client_num_in_total,
              cfg.train_args.client_num_per_round, out_dir)
-    FedMLServerManager(args, server_side, world.comm, rank, cfg.worker_num, cfg.comm_args.backend).run()
-    return metrics.write_summary(cfg.to_sections(), {"gal": aggregator.gal, "out_dir": str(out_dir),
-                                                     "world_size": world.size})
+    manager = FibecServerManager(args, server_side, world.comm, rank, cfg.worker_num, cfg.comm_args.backend,
+                                 cfg=cfg, out_dir=out_dir, metrics=metrics, first_exchange=done)
+    manager.run()
+    if manager.failure is not None:
+        raise manager.failure
+    extra = {"gal": aggregator.gal, "out_dir": str(out_dir), "world_size": world.size}
+    if grpc:
+        extra.update(backend="GRPC", wire_bytes_sent=manager.com_manager.bytes_sent,
+                     wire_bytes_received=manager.com_manager.bytes_received,
+                     silos_active_at_end=manager.active)
+    return metrics.write_summary(cfg.to_sections(), extra)
 
 
 def _has_scoring_exchange(cfg: RunConfig) -> bool:
@@ -250,6 +295,47 @@ def print_result_table(summary: dict) -> None:
     print(f"\nresults: {summary['out_dir']} (metrics.jsonl, summary.json, logs/)")
 
 
+def cfg_is_grpc(ns: argparse.Namespace) -> bool:
+    """Whether this process was started on its own with --rank (GRPC), so it reports its own errors."""
+    return ns.rank is not None
+
+
+def _load_run_config(ns: argparse.Namespace) -> RunConfig:
+    """The config: --cf/--set, or with --resume DIR that run's config.yaml (and --cf must match it)."""
+    if not ns.resume:
+        return load_config(ns.cf, ns.overrides)
+    from .checkpoint import check_same_config
+
+    saved_path = Path(ns.resume) / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume {ns.resume}: no config.yaml there; give the results folder of the run "
+                          "to continue")
+    if ns.cf is None:
+        return load_config(saved_path, ns.overrides)
+    cfg = load_config(ns.cf, ns.overrides)
+    import yaml
+
+    check_same_config(cfg, yaml.safe_load(saved_path.read_text()), ns.resume)
+    return cfg
+
+
+def _grpc_world(cfg: RunConfig, rank: Optional[int], world: MpiWorld):
+    """Rank and size of a GRPC process, checked against the ipconfig."""
+    from .cross_silo import GrpcWorld
+    from .ipconfig import read_ipconfig
+
+    n = cfg.train_args.client_num_per_round
+    if world.size > 1:
+        raise ConfigError("backend GRPC: start each process on its own with --rank R (not under mpirun); "
+                          "see run_scripts/cross_silo_local.sh")
+    if rank is None:
+        raise ConfigError(f"backend GRPC: give this process's rank with --rank R (0 = server, 1..{n} = silos)")
+    if not 0 <= rank <= n:
+        raise ConfigError(f"--rank {rank}: expected 0 (server) to {n} (client_num_per_round = {n} silos)")
+    read_ipconfig(cfg.comm_args.grpc_ipconfig_path, num_silos=n)
+    return GrpcWorld(rank, n + 1)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of run_fibec.py: validate everything, then run this rank."""
     ns = parse_args(argv)
@@ -257,19 +343,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..assets import default_cache_dir
 
     try:
-        cfg = load_config(ns.cf, ns.overrides)
+        cfg = _load_run_config(ns)
         cache_dir = Path(cfg.data_args.data_cache_dir or default_cache_dir()).expanduser().resolve()
         tables = load_tables(cfg, cache_dir)
-        check_world(cfg, world.size)
+        if cfg.comm_args.backend == "GRPC":
+            world = _grpc_world(cfg, ns.rank, world)
+        else:
+            check_world(cfg, world.size)
     except FibecError as exc:
-        if world.rank == 0:
+        if world.rank == 0 or cfg_is_grpc(ns):
             print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
-    out_dir = Path(world.bcast(str(Path(ns.out) if ns.out else _default_out_dir(cfg)) if world.rank == 0 else None))
+    out = ns.resume or ns.out
+    mine = world.rank == 0 or world.comm is None  # under MPI rank 0 decides for all
+    out_dir = Path(world.bcast(str(Path(out) if out else _default_out_dir(cfg)) if mine else None))
     out_dir = out_dir.resolve()
-    if world.rank == 0:
+    if world.rank == 0 or world.comm is None:
+        # Under GRPC every process writes its own copy (hosts do not share folders); atomic, so
+        # processes sharing one folder on one machine do not tear it.
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
     world.barrier()
     # The asset cache was resolved before HOME is pointed at the run folder for FedML's own files.
     os.environ["FEDML_FIBEC_CACHE"] = str(cache_dir)
@@ -280,12 +373,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging(out_dir, world.rank, cfg.tracking_args.log_level)
     try:
         disable_fedml_cloud()
-        summary = run(cfg, tables, out_dir, world)
+        summary = run(cfg, tables, out_dir, world, resume=bool(ns.resume))
     except FibecError as exc:
+        from .cross_silo import SimulatedCrash
+
+        code = 3 if isinstance(exc, SimulatedCrash) else 2
         log.error("%s", exc)
         print(f"error (rank {world.rank}): {exc}", file=sys.stderr)
-        world.abort(2)
-        return 2
+        world.abort(code)
+        return code
     except BaseException:
         log.error("rank %d failed:\n%s", world.rank, traceback.format_exc())
         print(f"rank {world.rank} failed; see {out_dir}/logs/rank{world.rank}.log", file=sys.stderr)

@@ -17,8 +17,8 @@ from fedml.core import ClientTrainer
 from .. import algorithm as alg
 from ..config import RunConfig
 from ..data import DeviceData, EncodedSet
-from ..models import block_index, load_trainable_state, num_blocks, trainable_state_dict, transformer_blocks
-from .local import evaluate, length_sorted_batches, make_optimizer, model_inputs, train_steps
+from ..models import block_index, head_parameter_names, load_trainable_state, num_blocks, trainable_state_dict, transformer_blocks
+from .local import evaluate, length_sorted_batches, make_optimizer, model_inputs, round_lr_scale, train_steps
 from .payload import PHASE_SCORE, frozen_keys, to_wire, upload_message
 from .state_store import DeviceStateStore
 
@@ -43,6 +43,7 @@ class FibecClientTrainer(ClientTrainer):
         # A device's local part starts from it the first time the device is served.
         self.reference = {k: v.detach().clone() for k, v in trainable_state_dict(model).items()}
         self.keys = list(self.reference)
+        self.head_names = head_parameter_names(model)
         self.message: Optional[dict] = None
         self.upload: Optional[dict] = None
         self._eval_set: Optional[EncodedSet] = None
@@ -128,7 +129,10 @@ class FibecClientTrainer(ClientTrainer):
                 local_params[k].shape[0] for k in local_params if k not in masks)
             updated_share = selected / sum(p.shape[0] for p in local_params.values())
         try:
-            optimizer = make_optimizer(self.model, tr.client_optimizer, tr.learning_rate, tr.weight_decay)
+            scale = round_lr_scale(round_idx, tr.comm_round, tr.lr_schedule, tr.min_lr_ratio)
+            head_lr = None if tr.head_learning_rate is None else tr.head_learning_rate * scale
+            optimizer = make_optimizer(self.model, tr.client_optimizer, tr.learning_rate * scale, tr.weight_decay,
+                                       head_lr=head_lr, head_names=self.head_names)
             loss = train_steps(self.model, data, batches, optimizer,
                                device=device, max_grad_norm=tr.max_grad_norm, bf16=cfg.device_args.bf16,
                                after_step=None if sparse is None else sparse.after_step)
