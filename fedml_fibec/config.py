@@ -158,6 +158,8 @@ class FibecArgs:
     T_c: Optional[float] = _f(None, "Rounds until the whole data set is used; none = half the rounds.")
     p: float = _f(0.5, "Pacing exponent (1 = linear).")
     min_samples: int = _f(16, "Fewest samples a device trains on in a round.")
+    stratify_by_label: bool = _f(True, "Curriculum subsets keep the device's label shares (easiest first "
+                                 "within each class); false = easiest overall.")
     refresh_every: int = _f(0, "Recompute difficulty every N participations of a device (0 = never).")
     scoring_batch_size: int = _f(32, "Batch size of the difficulty scoring pass.")
     layer_score: str = _f("perturbation", "Layer sensitivity score.", ("perturbation", "grad_sensitivity"))

@@ -80,3 +80,20 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         curriculum_batches(torch.arange(5), 6, batch_size=2, num_steps=1, generator=torch.Generator())
     assert local_batches(5, batch_size=2, num_steps=0, generator=torch.Generator()) == []
+
+
+def test_stratified_order_keeps_label_shares_and_easiest_within_class():
+    torch.manual_seed(0)
+    labels = torch.tensor([0] * 30 + [1] * 10)
+    # every class-1 sample is easier than every class-0 sample: the unstratified prefix is all class 1
+    scores = torch.cat([torch.rand(30) + 1.0, torch.rand(10)])
+    plain = easiest_first(scores)
+    assert set(labels[plain[:10]].tolist()) == {1}
+    order = easiest_first(scores, labels)
+    assert sorted(order.tolist()) == list(range(40))
+    for n in (4, 8, 20, 40):
+        share = labels[order[:n]].float().mean().item()
+        assert abs(share - 0.25) <= 1.0 / n + 1e-9
+    for c in (0, 1):
+        in_class = [i for i in order.tolist() if labels[i] == c]
+        assert in_class == sorted(in_class, key=lambda i: scores[i].item())

@@ -30,9 +30,22 @@ def curriculum_size(t: float, n_total: int, *, g0: float, T_c: float, p: float, 
     return min(n_total, max(min_samples, _ceil(pacing(t, g0=g0, T_c=T_c, p=p) * n_total)))
 
 
-def easiest_first(scores: Tensor) -> Tensor:
-    """Sample indices ordered from easy (low score) to hard; ties keep index order."""
-    return torch.sort(scores.reshape(-1), stable=True).indices
+def easiest_first(scores: Tensor, labels: Tensor | None = None) -> Tensor:
+    """Sample indices ordered from easy (low score) to hard; ties keep index order.
+
+    With `labels`, the order is stratified: every prefix holds each class in about its share of
+    the data, easiest first within the class. A sample's key is its rank fraction inside its class.
+    """
+    scores = scores.reshape(-1)
+    if labels is None:
+        return torch.sort(scores, stable=True).indices
+    labels = labels.reshape(-1).to(scores.device)
+    key = torch.empty_like(scores, dtype=torch.float64)
+    for c in torch.unique(labels):
+        members = torch.nonzero(labels == c).reshape(-1)
+        ranked = members[torch.sort(scores[members], stable=True).indices]
+        key[ranked] = (torch.arange(len(ranked), dtype=torch.float64, device=scores.device) + 0.5) / len(ranked)
+    return torch.sort(key, stable=True).indices
 
 
 def curriculum_batches(

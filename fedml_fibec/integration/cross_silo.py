@@ -135,8 +135,9 @@ class FibecServerManager(FedMLServerManager):
         if self.is_initialized or self.state != "connect":
             return
         self.client_id_list_in_this_round = list(self.active)
+        # Silos already running answer this; the others say they are online when they start.
         for cid in self.active:
-            self._try_send(self.send_message_check_client_status, cid, cid - 1)
+            self._try_send(self.send_message_check_client_status, cid, cid - 1, retry_s=0.5)
         self._arm(self.timeout)
 
     def process_online_status(self, client_status, msg_params):
@@ -176,7 +177,7 @@ class FibecServerManager(FedMLServerManager):
         if dead:  # dropped now; probed again at each later exchange
             log.warning("exchange %d: silo(s) %s unreachable; going on with %s", self._exchange(), dead,
                         sorted(self.expected))
-            self.active = [cid for cid in self.active if cid in self.expected]
+            self.active = [cid for cid in self.active if cid not in dead]
         if len(self.expected) < self.min_silos:
             self._fail(f"exchange {self._exchange()} (round {self.inner.round}): only {len(self.expected)} "
                        f"silo(s) reachable, fewer than min_silos_per_round = {self.min_silos}; unreachable: "
@@ -295,7 +296,7 @@ class FibecServerManager(FedMLServerManager):
                 log.warning("exchange %d: no upload from silo(s) %s within %.0fs; going on with %d silo(s) %s "
                             "(the missing ones re-join when they answer again)", self._exchange(), missing, t,
                             len(self.received), sorted(self.received))
-                self.active = [cid for cid in self.active if cid in self.received]
+                self.active = [cid for cid in self.active if cid not in missing]  # re-joined ones stay
                 self._complete_exchange()
             else:
                 self._fail(f"exchange {self._exchange()} (round {self.inner.round}): {len(self.received)} of "

@@ -281,6 +281,17 @@ def _build_data(cfg: RunConfig, tables, tokenizer):
         tables=tables)
 
 
+def plot_run(out_dir: Path, summary: dict) -> None:
+    """The run's accuracy curves (against round, wall seconds and MB uploaded) as PNGs beside its metrics."""
+    from ..metrics import read_jsonl
+    from ..report.compare import RunResult
+    from ..report.plots import plot_curves
+
+    run = RunResult(method=summary["method"], seed=summary["config"]["common_args"]["random_seed"],
+                    records=read_jsonl(out_dir / "metrics.jsonl"), summary=summary)
+    plot_curves([run], out_dir)
+
+
 def print_result_table(summary: dict) -> None:
     """A short Markdown table of the run's result, and where the files are."""
     def fmt(x, spec):
@@ -292,7 +303,7 @@ def print_result_table(summary: dict) -> None:
           f"{fmt(summary['best_accuracy'], '.4f')} | {fmt(summary['final_device_accuracy'], '.4f')} | "
           f"{summary['total_bytes_up'] / 1e6:.2f} | {summary['total_bytes_down'] / 1e6:.2f} | "
           f"{summary['wall_seconds']:.0f} |")
-    print(f"\nresults: {summary['out_dir']} (metrics.jsonl, summary.json, logs/)")
+    print(f"\nresults: {summary['out_dir']} (metrics.jsonl, summary.json, accuracy_vs_*.png, logs/)")
 
 
 def cfg_is_grpc(ns: argparse.Namespace) -> bool:
@@ -389,5 +400,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         world.abort(1)
         return 1
     if summary is not None:
+        plot_run(out_dir, summary)
         print_result_table(summary)
     return 0

@@ -190,7 +190,7 @@ class FibecClientTrainer(ClientTrainer):
                     self.model, inputs["input_ids"], inputs["attention_mask"], data.labels[rows].to(device),
                     batch_size=len(rows), wrt=fb.wrt, fisher=fb.fisher, normalize=fb.normalize).cpu()
             state["difficulty"] = scores
-        return alg.easiest_first(state["difficulty"])
+        return alg.easiest_first(state["difficulty"], data.labels if fb.stratify_by_label else None)
 
     def _layer_scores(self, data: EncodedSet, generator: torch.Generator, device) -> torch.Tensor:
         """Sensitivity of every block, on a sample of the device's data."""
