@@ -61,6 +61,7 @@ def test_fedavg_two_rounds_offline(tmp_path, tiny_assets):
     # FedML's own files stayed inside the run folder.
     assert (out / "fedml_home").is_dir()
     assert (out / "accuracy_vs_round.png").stat().st_size > 1000
+    assert "| FedAvg | 2 |" in (out / "summary.md").read_text()
 
 
 def test_fibecfed_three_rounds_logs_gal_and_sends_less(tmp_path, tiny_assets):

@@ -292,18 +292,25 @@ def plot_run(out_dir: Path, summary: dict) -> None:
     plot_curves([run], out_dir)
 
 
-def print_result_table(summary: dict) -> None:
-    """A short Markdown table of the run's result, and where the files are."""
+def result_table(summary: dict) -> str:
+    """A short Markdown table of the run's result."""
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
-    print()
-    print("| method | rounds | final acc | best acc | device acc | MB up | MB down | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
-    print(f"| {summary['method']} | {summary['rounds']} | {fmt(summary['final_accuracy'], '.4f')} | "
-          f"{fmt(summary['best_accuracy'], '.4f')} | {fmt(summary['final_device_accuracy'], '.4f')} | "
-          f"{summary['total_bytes_up'] / 1e6:.2f} | {summary['total_bytes_down'] / 1e6:.2f} | "
-          f"{summary['wall_seconds']:.0f} |")
-    print(f"\nresults: {summary['out_dir']} (metrics.jsonl, summary.json, accuracy_vs_*.png, logs/)")
+    return ("| method | rounds | final acc | best acc | device acc | MB up | MB down | wall s |\n"
+            "|---|---|---|---|---|---|---|---|\n"
+            f"| {summary['method']} | {summary['rounds']} | {fmt(summary['final_accuracy'], '.4f')} | "
+            f"{fmt(summary['best_accuracy'], '.4f')} | {fmt(summary['final_device_accuracy'], '.4f')} | "
+            f"{summary['total_bytes_up'] / 1e6:.2f} | {summary['total_bytes_down'] / 1e6:.2f} | "
+            f"{summary['wall_seconds']:.0f} |\n")
+
+
+def report_result(out_dir: Path, summary: dict) -> None:
+    """Write summary.md and the accuracy plots beside the metrics, and print the table and the folder."""
+    table = result_table(summary)
+    atomic_write_text(out_dir / "summary.md", table)
+    plot_run(out_dir, summary)
+    print("\n" + table)
+    print(f"results: {summary['out_dir']} (metrics.jsonl, summary.json, summary.md, accuracy_vs_*.png, logs/)")
 
 
 def cfg_is_grpc(ns: argparse.Namespace) -> bool:
@@ -400,6 +407,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         world.abort(1)
         return 1
     if summary is not None:
-        plot_run(out_dir, summary)
-        print_result_table(summary)
+        report_result(out_dir, summary)
     return 0
