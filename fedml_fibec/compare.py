@@ -83,8 +83,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Variables an initialised MPI process (e.g. a caller that imported mpi4py) leaves in the environment
+# of its children: an mpirun that inherits them takes itself for a rank and exits 1 without a word.
+INHERITED_MPI_JOB = ("PMIX_", "OMPI_COMM_WORLD_", "OMPI_MCA_ess", "OMPI_MCA_orte_ess_", "OMPI_MCA_orte_launch",
+                     "OMPI_MCA_orte_precondition_transports", "OMPI_MCA_pmix", "OMPI_APP_CTX_NUM_PROCS",
+                     "ORTE_SCHIZO_DETECTION")
+
+
 def _mpi_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(INHERITED_MPI_JOB)}
     for k, v in MPI_ENV.items():
         env.setdefault(k, v)
     if hasattr(os, "geteuid") and os.geteuid() == 0:
