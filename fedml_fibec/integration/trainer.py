@@ -17,8 +17,10 @@ from fedml.core import ClientTrainer
 from .. import algorithm as alg
 from ..config import RunConfig
 from ..data import DeviceData, EncodedSet
-from ..models import block_index, head_parameter_names, load_trainable_state, num_blocks, trainable_state_dict, transformer_blocks
-from .local import evaluate, length_sorted_batches, make_optimizer, model_inputs, round_lr_scale, train_steps
+from ..models import (block_index, head_parameter_names, load_trainable_state, num_blocks, trainable_state_dict,
+                      transformer_blocks)
+from .local import (evaluate, length_sorted_batches, make_optimizer, model_inputs, round_lr_scale,
+                    train_steps)
 from .payload import PHASE_SCORE, frozen_keys, to_wire, upload_message
 from .state_store import DeviceStateStore
 

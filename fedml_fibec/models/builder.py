@@ -1,22 +1,18 @@
 """Resolve the `model` config value to local weights and load a sequence classifier + tokenizer."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
-try:  # POSIX only; without it concurrent ranks may both convert (the atomic rename still keeps one).
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+from ..atomic import file_lock
+
 
 BUILTIN_MODELS: dict[str, str] = {
     "minilm": "all-MiniLM-L6-v2 (BERT family, 6 blocks, hidden 384, 22.7M params), offline from PyPI",
@@ -35,20 +31,6 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
     from fedml_fibec.assets import default_cache_dir
 
     return default_cache_dir()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive inter-process lock on `path` (created if absent)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        if fcntl is not None:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _converted(target: Path) -> bool:
@@ -84,7 +66,7 @@ def _smollm2_dir(cache_dir: str | os.PathLike | None) -> Path:
         return target
     gguf = asset_path("smollm2", cache_dir)
     # Several MPI ranks may start at once: one converts, the others wait and then reuse it.
-    with _file_lock(root / f"{SMOLLM2_DIR}.lock"):
+    with file_lock(root / f"{SMOLLM2_DIR}.lock"):
         if _converted(target):
             return target
         tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}.", dir=root))
