@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from fedml_fibec.config import RunConfig, load_config
-from fedml_fibec.data import build_federated_data, to_fedml_dataset
+from fedml_fibec.data import to_fedml_dataset
+from fedml_fibec.integration import runner
 from fedml_fibec.integration.aggregator import FibecServerAggregator
 from fedml_fibec.integration.fedml_glue import fedml_arguments, sample_devices
 from fedml_fibec.integration.state_store import DeviceStateStore
 from fedml_fibec.integration.trainer import FibecClientTrainer
 from fedml_fibec.metrics import MetricsLog
-from fedml_fibec.models import apply_lora, load_model_and_tokenizer
 
 
 def tiny_config(model_dir: Path, csv: Path, *overrides: str) -> RunConfig:
@@ -29,12 +29,13 @@ def tiny_config(model_dir: Path, csv: Path, *overrides: str) -> RunConfig:
 
 
 def build_model(cfg: RunConfig):
-    """The model every rank builds from the run seed."""
-    torch.manual_seed(cfg.common_args.random_seed)
-    model, tok = load_model_and_tokenizer(cfg.model_args.model, 2)
-    m = cfg.model_args
-    return apply_lora(model, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
-                      target_modules=m.lora_target_modules), tok
+    """The model every rank builds from the run seed (binary tiny task)."""
+    return runner.build_model(cfg, 2)
+
+
+def build_data(cfg: RunConfig, tokenizer):
+    """The config's federated data, as the runner builds it."""
+    return runner.build_data(cfg, runner.load_tables(cfg, None), tokenizer)
 
 
 def run_federation(cfg: RunConfig, out_dir: Path, num_processes: int | None = None, assign=None):
@@ -44,12 +45,8 @@ def run_federation(cfg: RunConfig, out_dir: Path, num_processes: int | None = No
     """
     num_processes = num_processes or cfg.train_args.client_num_per_round
     server_model, tok = build_model(cfg)
-    d, t = cfg.data_args, cfg.train_args
-    fd = build_federated_data(source=d.data_source, dataset=d.dataset, tokenizer=tok, max_length=d.max_seq_length,
-                              num_devices=t.client_num_in_total, partition_method=d.partition_method,
-                              partition_alpha=d.partition_alpha, min_samples_per_device=d.min_samples_per_device,
-                              test_fraction=d.test_fraction, seed=cfg.common_args.random_seed,
-                              train_file=d.train_file, text_column=d.text_column, label_column=d.label_column)
+    t = cfg.train_args
+    fd = build_data(cfg, tok)
     dataset = to_fedml_dataset(fd)
     args = fedml_arguments(cfg, 0, None, fedml_rounds=t.comm_round)
     metrics = MetricsLog(out_dir, t.federated_optimizer, t.comm_round)

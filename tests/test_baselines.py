@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedml_fibec.data import build_federated_data, to_fedml_dataset
+from fedml_fibec.data import to_fedml_dataset
 from fedml_fibec.integration.fedml_glue import fedml_arguments, sample_devices
 from fedml_fibec.integration.state_store import DeviceStateStore
 from fedml_fibec.metrics import MetricsLog
 from fedml_fibec.models import trainable_state_dict
-from harness import build_model, tiny_config
+from harness import build_data, build_model, tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,13 +26,8 @@ def setup(tiny_assets, tmp_path, *overrides):
     model_dir, csv = tiny_assets
     cfg = tiny_config(model_dir, csv, "training_type=simulation", *overrides)
     model, tok = build_model(cfg)
-    d, t = cfg.data_args, cfg.train_args
-    fd = build_federated_data(source=d.data_source, dataset=d.dataset, tokenizer=tok, max_length=d.max_seq_length,
-                              num_devices=t.client_num_in_total, partition_method=d.partition_method,
-                              partition_alpha=d.partition_alpha, min_samples_per_device=d.min_samples_per_device,
-                              test_fraction=d.test_fraction, seed=cfg.common_args.random_seed,
-                              train_file=d.train_file, text_column=d.text_column, label_column=d.label_column)
-    args = fedml_arguments(cfg, 0, None, fedml_rounds=t.comm_round)
+    fd = build_data(cfg, tok)
+    args = fedml_arguments(cfg, 0, None, fedml_rounds=cfg.train_args.comm_round)
     args.gmf = 0.0
     args.round_idx = 0
     return cfg, args, fd, to_fedml_dataset(fd), trainable_state_dict(model)

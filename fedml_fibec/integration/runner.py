@@ -147,15 +147,13 @@ def run(cfg: RunConfig, tables, out_dir: Path, world: MpiWorld, resume: bool = F
     state_dir = Path(cfg.fibec_args.state_dir or out_dir / "device_state")
 
     # Rank 0 fetches/converts assets first; the others then find them cached.
-    from ..models import apply_lora, load_model_and_tokenizer
-
     num_labels = len(tables[0].label_names)
     if rank == 0:
-        model, tokenizer = _build_model(cfg, num_labels, cache_dir, apply_lora, load_model_and_tokenizer)
+        model, tokenizer = build_model(cfg, num_labels, cache_dir)
     world.barrier()
     if rank != 0:
-        model, tokenizer = _build_model(cfg, num_labels, cache_dir, apply_lora, load_model_and_tokenizer)
-    fed_data = _build_data(cfg, tables, tokenizer)
+        model, tokenizer = build_model(cfg, num_labels, cache_dir)
+    fed_data = build_data(cfg, tables, tokenizer)
     if rank == 0:
         log.info("data: %s", json.dumps({k: v for k, v in fed_data.stats().items()
                                          if not isinstance(v, list)}))
@@ -247,8 +245,11 @@ def _has_scoring_exchange(cfg: RunConfig) -> bool:
     return cfg.train_args.federated_optimizer == "FibecFed" and not (fb.gal_ratio is not None and fb.gal_ratio >= 1)
 
 
-def _build_model(cfg: RunConfig, num_labels: int, cache_dir: Path, apply_lora, load_model_and_tokenizer):
+def build_model(cfg: RunConfig, num_labels: int, cache_dir: Optional[Path] = None):
+    """The initial model with LoRA and its tokenizer, the same on every rank (seeded)."""
     import torch
+
+    from ..models import apply_lora, load_model_and_tokenizer
 
     m = cfg.model_args
     # Every rank builds the same initial model (head and LoRA init) from the run seed.
@@ -269,7 +270,8 @@ def load_tables(cfg: RunConfig, cache_dir: Path):
                        text_pair_column=d.text_pair_column, hub_config=d.hub_config)
 
 
-def _build_data(cfg: RunConfig, tables, tokenizer):
+def build_data(cfg: RunConfig, tables, tokenizer):
+    """The config's federated data set from already loaded (train, test or None) tables."""
     from ..data import build_federated_data
 
     d, t = cfg.data_args, cfg.train_args
