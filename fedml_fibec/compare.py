@@ -241,7 +241,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             else:
                 failed += 1
                 print(f"{prefix}: FAILED ({status['error'].splitlines()[0][:200]})", flush=True)
-    report = build_report(root, methods, ns, _header(ns, methods, argv, time.time() - started))
+    header_argv, seconds = argv, time.time() - started
+    run_record = root / "comparison.json"
+    if not ns.report_only:
+        atomic_write_text(run_record, json.dumps({"argv": argv, "wall_seconds": seconds}, indent=2) + "\n")
+    elif run_record.is_file():
+        # The header names the command that made the runs, not the --report-only call that re-read them.
+        made = json.loads(run_record.read_text())
+        header_argv, seconds = made["argv"], made["wall_seconds"]
+    report = build_report(root, methods, ns, _header(ns, methods, header_argv, seconds))
     print()
     print((root / "compare.md").read_text())
     print(f"report: {root / 'compare.csv'}, {root / 'compare.md'}, {', '.join(Path(p).name for p in report['plots'])}")

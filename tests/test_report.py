@@ -93,3 +93,25 @@ def test_csv_markdown_and_plots(comparison):
             assert img.format == "PNG"
     assert sorted(p.name for p in comparison.glob("*.png")) == [
         "accuracy_vs_mb_up.png", "accuracy_vs_round.png", "accuracy_vs_seconds.png"]
+
+
+def test_line_styles_tell_twenty_methods_apart():
+    from fedml_fibec.report.plots import line_styles
+
+    styles = line_styles(20)
+    assert len({s["color"] for s in styles}) == 20  # tab10 would repeat after ten methods
+    assert len({(s["color"], s["linestyle"], s["marker"]) for s in styles}) == 20
+
+
+def test_report_only_keeps_the_command_that_made_the_runs(comparison):
+    from fedml_fibec import compare
+
+    made = ["--out", str(comparison), "--methods", "FedAvg-LoRA,FibecFed", "--seeds", "2"]
+    (comparison / "comparison.json").write_text(json.dumps({"argv": made, "wall_seconds": 3725.0}))
+    assert compare.main(["--out", str(comparison), "--methods", "FedAvg-LoRA,FibecFed", "--seeds", "2",
+                         "--report-only"]) == 0
+    md = (comparison / "compare.md").read_text()
+    assert "--report-only" not in md
+    assert "compare_baselines.py --out" in md and "total wall time 01:02:05" in md
+    rows = {r["method"]: r for r in csv.DictReader(open(comparison / "compare.csv"))}
+    assert set(rows) == {"FedAvg-LoRA", "FibecFed"}

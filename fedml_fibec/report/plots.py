@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 
 from .compare import RunResult  # noqa: E402
 
@@ -31,6 +32,15 @@ def _curve(run: RunResult, axis: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+def line_styles(n: int) -> list[dict]:
+    """n (colour, line style, marker) combinations, distinct for up to 20 methods."""
+    colours = plt.get_cmap("tab20").colors  # 20 colours; tab10 repeats after 10 methods
+    dashes = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v"]
+    return [{"color": colours[(2 * i) % 20 + (2 * i) // 20 % 2], "linestyle": dashes[i % len(dashes)],
+             "marker": markers[i % len(markers)]} for i in range(n)]
+
+
 def _mean_curve(runs: Sequence[RunResult], axis: str) -> tuple[list[float], list[float]]:
     """Point-wise mean over seeds, up to the shortest run (x is averaged too)."""
     curves = [_curve(r, axis) for r in runs]
@@ -46,19 +56,23 @@ def plot_curves(runs: Sequence[RunResult], out_dir: str | Path, target: float | 
     methods = list(dict.fromkeys(r.method for r in runs if r.ok))
     paths = []
     for axis, label in AXES.items():
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name in methods:
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        for name, style in zip(methods, line_styles(len(methods))):
             xs, ys = _mean_curve([r for r in runs if r.method == name and r.ok], axis)
             if xs:
-                ax.plot(xs, ys, marker="o", markersize=3, label=name)
+                ax.plot(xs, ys, markersize=3, linewidth=1.2, label=name, **style)
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
         ax.set_xlabel(label)
         ax.set_ylabel("global test accuracy")
         if axis == "mb_up":
             ax.set_xscale("log")  # methods differ by orders of magnitude in what they send
+            ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))  # 1 2 5 10 20 ...
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        # Outside the axes: with a dozen methods a legend inside hides the curves.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         fig.tight_layout()
         path = out_dir / f"accuracy_vs_{axis}.png"
         tmp = path.with_name(f".{path.name}.tmp.png")
