@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Local step cost: dense LoRA step vs FibecFed's sparse step, and backward depth (issue 6, benchmark 2).
 
-One local optimizer step = fedml_fibec.integration.local.train_steps on one batch (default 16 MR snippets
+One local optimizer step = fedml_fibec.core.local.train_steps on one batch (default 16 MR snippets
 padded to 64 tokens; AdamW lr 2e-3, gradient clipping 1.0: the run defaults), LoRA r=8 on q/v + head.
 
   dense          every LoRA tensor and the head trainable (FedAvg-LoRA's step)
@@ -35,7 +35,7 @@ from torch import nn
 
 from fedml_fibec import algorithm as alg
 from fedml_fibec.data import EncodedSet
-from fedml_fibec.integration.local import make_optimizer, model_inputs, train_steps
+from fedml_fibec.core.local import make_optimizer, model_inputs, train_steps
 from fedml_fibec.models import lora_parameter_names, tensors_by_block, transformer_blocks
 
 GAL_RATIO, RHO, BETA, SIGMA, LR, CLIP = 0.5, 0.25, 0.9, 0.1, 2e-3, 1.0

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fedml_fibec.integration import runner  # noqa: E402  (imports no fedml)
+from fedml_fibec import runner  # noqa: E402  (imports no fedml)
 
 
 class Recorder:
@@ -81,21 +81,22 @@ def install(out_dir: Path, rank: int) -> None:
 
     MPI.pickle.__init__(dumps, loads)
 
-    from fedml_fibec.integration import aggregator as agg_mod
-    from fedml_fibec.integration import mpi_transport
-    from fedml_fibec.integration import state_store
-    from fedml_fibec.integration import trainer as tr_mod
+    from fedml_fibec.core import device_round as dr_mod
+    from fedml_fibec.core import server_round as sr_mod
+    from fedml_fibec.core import state_store
+    from fedml_fibec.engines.cross_silo import aggregator as agg_mod
+    from fedml_fibec.fedml_glue import mpi_transport
 
-    def client_context(self, *args):
-        REC.context = {"round": int(self.message["round"]), "phase": self.message["phase"]}
+    def client_context(self, download, *args):
+        REC.context = {"round": download.round, "phase": download.phase}
 
-    T = tr_mod.FibecClientTrainer
-    T.train = timed("client_train", T.train, before=client_context)
+    T = dr_mod.DeviceRound
+    T.run = timed("client_train", T.run, before=client_context)
     T._difficulty_order = timed("scoring_difficulty", T._difficulty_order)
     T._layer_scores = timed("scoring_layers", T._layer_scores)
-    tr_mod.train_steps = timed("local_compute", tr_mod.train_steps)
-    tr_mod.evaluate = timed("device_eval", tr_mod.evaluate)
-    tr_mod.to_wire = timed("to_wire", tr_mod.to_wire)
+    dr_mod.train_steps = timed("local_compute", dr_mod.train_steps)
+    dr_mod.evaluate = timed("device_eval", dr_mod.evaluate)
+    dr_mod.to_wire = timed("to_wire", dr_mod.to_wire)
     S = state_store.DeviceStateStore
     S.load = timed("state_io", S.load)
     S.save = timed("state_io", S.save)
@@ -103,16 +104,16 @@ def install(out_dir: Path, rank: int) -> None:
     A = agg_mod.FibecServerAggregator
 
     def server_context(self, *args):
-        REC.context = {"round": self.round, "phase": self.phase}
+        REC.context = {"round": self.server_round.round, "phase": self.server_round.phase}
 
     A.aggregate = timed("aggregate", A.aggregate, before=server_context)
-    agg_mod.evaluate = timed("server_eval", agg_mod.evaluate)
-    agg_mod.to_wire = timed("to_wire", agg_mod.to_wire)
+    sr_mod.evaluate = timed("server_eval", sr_mod.evaluate)
+    sr_mod.to_wire = timed("to_wire", sr_mod.to_wire)
     original_test = A.test
 
     def test(self, *args, **kwargs):
         wall, t0 = time.time(), time.perf_counter()
-        pending = self._pending
+        pending = self._record
         try:
             return original_test(self, *args, **kwargs)
         finally:

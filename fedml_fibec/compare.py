@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 from .atomic import atomic_write_text
 from .config import load_config
 from .errors import ConfigError
+from .layout import machine, plan
 from .report import compare_rows, load_runs, plot_curves, target_accuracy, write_csv, write_markdown
 from .report.compare import STATUS_FILE
 
@@ -107,7 +108,7 @@ def _mpi_env() -> dict[str, str]:
 def run_command(cf: Optional[str], overrides: Sequence[str], out: Path, ranks: int) -> list[str]:
     """The mpirun command line of one run."""
     cmd = ["mpirun", "-np", str(ranks), "-x", "PYTHONPATH", "-x", "PYTHONUNBUFFERED", sys.executable, "-c",
-           "import sys; from fedml_fibec.integration.runner import main; sys.exit(main())", "--out", str(out)]
+           "import sys; from fedml_fibec.runner import main; sys.exit(main())", "--out", str(out)]
     if cf:
         cmd += ["--cf", cf]
     for o in overrides:
@@ -145,7 +146,11 @@ def launch(method: str, seed: int, ns: argparse.Namespace, root: Path, progress)
         status.update(status="failed", error=f"config error: {exc}", returncode=2, wall_seconds=0.0)
         atomic_write_text(out / STATUS_FILE, json.dumps(status, indent=2) + "\n")
         return status
-    cmd = run_command(ns.cf, overrides, out, cfg.worker_num + 1)
+    # The machine's layout (fedml_fibec/layout.py): fewer client processes on a small machine, same results.
+    workers, _ = plan(cfg, *machine())
+    if workers != cfg.worker_num:
+        overrides.append(f"worker_num={workers}")
+    cmd = run_command(ns.cf, overrides, out, workers + 1)
     status["command"] = shlex.join(cmd)
     log_path = out / "launcher.log"
     tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -162,7 +167,7 @@ def launch(method: str, seed: int, ns: argparse.Namespace, root: Path, progress)
                 tail.append(line.rstrip())
                 m = ROUND_LINE.search(line)
                 if m and "[rank 0]" in line:
-                    progress(f"round {m.group(1)}/{m.group(2)}", line.split(": ", 1)[-1].strip())
+                    progress(f"round {m.group(1)}/{m.group(2)}", line.split("] ", 1)[-1].strip())
             returncode = proc.wait()
         except BaseException:
             _stop(proc)

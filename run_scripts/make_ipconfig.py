@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from fedml_fibec.errors import ConfigError  # noqa: E402
-from fedml_fibec.integration.ipconfig import BASE_PORT, loopback, parse_hosts, to_csv  # noqa: E402
+from fedml_fibec.engines.cross_silo.ipconfig import BASE_PORT, loopback, parse_hosts, to_csv  # noqa: E402
 
 
 def main() -> int:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from fedml_fibec.integration.runner import main  # noqa: E402
+from fedml_fibec.runner import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

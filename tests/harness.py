@@ -1,22 +1,24 @@
-"""Drive our FedML trainer and aggregator in one process, in the order FedML's cross-silo engine calls them.
+"""Drive the device round and the server round of our engine in one process, with no FedML object.
 
 Tests use it to check algorithm-level properties (reduction to FedAvg, device state across
-processes, bytes) without MPI; the MPI tests prove the same classes run under FedML itself.
+processes, bytes); the MPI and cross-silo tests prove the same rounds run under FedML itself.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from fedml_fibec import build
 from fedml_fibec.config import RunConfig, load_config
-from fedml_fibec.data import to_fedml_dataset
-from fedml_fibec.integration import runner
-from fedml_fibec.integration.aggregator import FibecServerAggregator
-from fedml_fibec.integration.fedml_glue import fedml_arguments, sample_devices
-from fedml_fibec.integration.state_store import DeviceStateStore
-from fedml_fibec.integration.trainer import FibecClientTrainer
-from fedml_fibec.metrics import MetricsLog
+from fedml_fibec.core.device_round import DeviceRound
+from fedml_fibec.core.messages import Upload
+from fedml_fibec.core.seeds import device_eval_subset, sample_devices
+from fedml_fibec.core.server_round import ServerRound, exchanges_of
+from fedml_fibec.core.state_store import DeviceStateStore
+
+CPU = torch.device("cpu")
 
 
 def tiny_config(model_dir: Path, csv: Path, *overrides: str) -> RunConfig:
@@ -30,46 +32,50 @@ def tiny_config(model_dir: Path, csv: Path, *overrides: str) -> RunConfig:
 
 def build_model(cfg: RunConfig):
     """The model every rank builds from the run seed (binary tiny task)."""
-    return runner.build_model(cfg, 2)
+    return build.build_model(cfg, 2)
 
 
 def build_data(cfg: RunConfig, tokenizer):
     """The config's federated data, as the runner builds it."""
-    return runner.build_data(cfg, runner.load_tables(cfg, None), tokenizer)
+    return build.build_data(cfg, build.load_tables(cfg, None), tokenizer)
 
 
-def run_federation(cfg: RunConfig, out_dir: Path, num_processes: int | None = None, assign=None):
-    """Run cfg's rounds with `num_processes` client trainers; returns (aggregator, metrics, trainers).
+@dataclass
+class Federation:
+    server: ServerRound
+    records: list[dict]  # one per training round, evaluated
+    last_uploads: list[Upload]  # the last exchange's uploads, in device order
+    store: DeviceStateStore
 
-    assign(round, slot) -> which trainer serves the slot-th sampled device (default: slot).
+
+def run_federation(cfg: RunConfig, out_dir: Path, num_processes: int | None = None, assign=None) -> Federation:
+    """Run cfg's rounds with `num_processes` device-round objects (one per simulated process).
+
+    assign(exchange, slot) -> which process serves the slot-th sampled device (default: slot).
     """
     num_processes = num_processes or cfg.train_args.client_num_per_round
     server_model, tok = build_model(cfg)
     t = cfg.train_args
     fd = build_data(cfg, tok)
-    dataset = to_fedml_dataset(fd)
-    args = fedml_arguments(cfg, 0, None, fedml_rounds=t.comm_round)
-    metrics = MetricsLog(out_dir, t.federated_optimizer, t.comm_round)
-    device = torch.device("cpu")
-    aggregator = FibecServerAggregator(server_model, args, cfg, fd.test, metrics, device)
+    server = ServerRound(server_model, cfg, fd.test, CPU)
     store = DeviceStateStore(out_dir / "device_state")
-    trainers = [FibecClientTrainer(build_model(cfg)[0], args, cfg, store) for _ in range(num_processes)]
-    message = aggregator.get_model_params()
-    exchanges = aggregator.fedml_rounds
+    processes = [DeviceRound(build_model(cfg)[0], cfg) for _ in range(num_processes)]
+    n_eval = cfg.validation_args.device_eval_samples
+    eval_set = device_eval_subset(fd.test, n_eval, cfg.common_args.random_seed) if n_eval > 0 else None
+    records, uploads = [], []
+    exchanges = exchanges_of(cfg)
     for exchange in range(exchanges):
+        download = server.download()
         train_round = max(0, exchange - (exchanges - t.comm_round))
         devices = sample_devices(cfg.common_args.random_seed, train_round, t.client_num_in_total,
                                  t.client_num_per_round)
         uploads = []
         for slot, dev in enumerate(devices):
-            trainer = trainers[assign(exchange, slot) if assign else slot]
-            trainer.update_dataset(dataset[5][dev], dataset[6][dev], dataset[4][dev])
-            trainer.set_model_params(message)
-            trainer.on_before_local_training(dataset[5][dev], device, args)
-            trainer.train(dataset[5][dev], device, args)
-            trainer.on_after_local_training(dataset[5][dev], device, args)
-            uploads.append((dataset[4][dev], trainer.get_model_params()))
-        message = aggregator.aggregate(uploads)
-        aggregator.set_model_params(message)
-        aggregator.test(dataset[3], device, args)
-    return aggregator, metrics, trainers
+            process = processes[assign(exchange, slot) if assign else slot]
+            state = store.load(dev)
+            uploads.append(process.run(download, dev, fd.train[dev].data, state, CPU, eval_set=eval_set))
+            store.save(dev, state)
+        record = server.aggregate(uploads)
+        if record is not None:
+            records.append(server.evaluate_if_due(record))
+    return Federation(server, records, uploads, store)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from fedml_fibec.data import to_fedml_dataset
-from fedml_fibec.integration.fedml_glue import fedml_arguments, sample_devices
-from fedml_fibec.integration.state_store import DeviceStateStore
+from fedml_fibec.core.seeds import sample_devices
+from fedml_fibec.fedml_glue.args import fedml_arguments
+from fedml_fibec.core.state_store import DeviceStateStore
 from fedml_fibec.metrics import MetricsLog
 from fedml_fibec.models import trainable_state_dict
 from harness import build_data, build_model, tiny_config
@@ -35,7 +36,7 @@ def setup(tiny_assets, tmp_path, *overrides):
 
 def local_train(cfg, args, fd, dataset, global_params, device_id, store_dir, cls=None):
     """One device's round with a fresh process-side trainer; returns (trainer, what train returned)."""
-    from fedml_fibec.baselines.trainer import BaselineClientTrainer, FedNovaClientTrainer
+    from fedml_fibec.engines.simulation.trainer import BaselineClientTrainer, FedNovaClientTrainer
 
     model, _ = build_model(cfg)
     store = DeviceStateStore(store_dir)
@@ -66,12 +67,12 @@ def test_fedprox_mu_changes_weights_and_mu_zero_is_fedavg(tiny_assets, tmp_path)
 
 def _aggregator(method, cfg, args, fd, dataset, tmp_path):
     """FedML's server-side aggregator for `method` (our subclass) around our ServerAggregator."""
-    from fedml_fibec.baselines.aggregator import BaselineServerAggregator
-    from fedml_fibec.baselines.fedml_algorithms import ALGORITHMS, install
+    from fedml_fibec.engines.simulation.aggregator import BaselineServerAggregator
+    from fedml_fibec.engines.simulation.algorithms import ALGORITHMS, install
 
     import importlib
 
-    install(method)
+    install(method, cfg)
     module, _, cls_name = ALGORITHMS[method]
     cls = getattr(importlib.import_module(module), cls_name)
     model, _ = build_model(cfg)
@@ -105,18 +106,21 @@ def test_fedopt_sgd_lr1_no_momentum_equals_fedavg_and_adam_moves(tiny_assets, tm
     cfg, args, fd, dataset, init = setup(tiny_assets, tmp_path, "federated_optimizer=FedAvg")
     uploads = _uploads(cfg, args, fd, dataset, init, tmp_path)
     fedavg = _aggregate("FedAvg", cfg, args, fd, dataset, uploads, tmp_path)
-    args.server_optimizer, args.server_lr, args.server_momentum = "sgd", 1.0, 0.0
-    fedopt = _aggregate("FedOpt", cfg, args, fd, dataset, uploads, tmp_path)
+    # The server optimizer comes from the config (FedML's args are flattened from the same config).
+    sgd = setup(tiny_assets, tmp_path, "federated_optimizer=FedOpt", "server_optimizer=sgd", "server_lr=1.0",
+                "server_momentum=0.0")
+    fedopt = _aggregate("FedOpt", sgd[0], sgd[1], fd, dataset, uploads, tmp_path / "sgd")
     for k in fedavg:
         torch.testing.assert_close(fedopt[k], fedavg[k], rtol=1e-5, atol=1e-6)
-    args.server_optimizer, args.server_lr, args.server_momentum = "adam", 0.01, 0.9
-    adam = _aggregate("FedOpt", cfg, args, fd, dataset, uploads, tmp_path)
+    adam_setup = setup(tiny_assets, tmp_path, "federated_optimizer=FedOpt", "server_optimizer=adam",
+                       "server_lr=0.01", "server_momentum=0.9")
+    adam = _aggregate("FedOpt", adam_setup[0], adam_setup[1], fd, dataset, uploads, tmp_path / "adam")
     changed = [k for k in adam if not torch.equal(adam[k], init[k])]
     assert changed and any(not torch.allclose(adam[k], fedavg[k]) for k in changed)
 
 
 def test_fednova_with_equal_local_steps_is_the_participant_weighted_average(tiny_assets, tmp_path):
-    from fedml_fibec.baselines.trainer import FedNovaClientTrainer
+    from fedml_fibec.engines.simulation.trainer import FedNovaClientTrainer
 
     cfg, args, fd, dataset, init = setup(tiny_assets, tmp_path, "federated_optimizer=FedNova",
                                          "client_optimizer=sgd", "learning_rate=0.1")

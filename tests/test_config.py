@@ -1,10 +1,13 @@
 """The config schema: every bad key, type, value or combination stops the run with a message naming it."""
+import dataclasses
+import json
+
 import pytest
 import yaml
 
 from fedml_fibec.config import SECTIONS, load_config, describe_keys
 from fedml_fibec.errors import ConfigError
-from fedml_fibec.integration.runner import check_world
+from fedml_fibec.world import check_world
 
 
 def write(tmp_path, data) -> str:
@@ -45,7 +48,9 @@ def test_file_values_and_overrides_apply_in_order(tmp_path):
     (["data_source=files"], ["train_file"]),
     (["data_source=files", "train_file=/no/such.csv"], ["train_file", "/no/such.csv"]),
     (["model=./missing_model_dir"], ["model", "missing_model_dir"]),
-    (["worker_num=3"], ["worker_num", "client_num_per_round"]),
+    (["worker_num=11"], ["worker_num", "client_num_per_round"]),
+    (["worker_num=0"], ["worker_num"]),
+    (["training_type=simulation", "federated_optimizer=FedAvg", "worker_num=3"], ["worker_num", "simulation"]),
     (["using_mlops=true"], ["using_mlops", "offline"]),
     (["backend=GRPC"], ["grpc_ipconfig_path"]),
     (["nosection.comm_round=1"], ["nosection"]),
@@ -56,6 +61,43 @@ def test_bad_overrides_name_the_key(overrides, words):
         load_config(None, overrides)
     for word in words:
         assert word in str(err.value)
+
+
+def test_fewer_client_processes_than_devices_per_round_is_allowed():
+    assert load_config(None, ["worker_num=3"]).worker_num == 3
+
+
+def _violating(rule):
+    """Values each kind of field rule must reject."""
+    kind, args = rule.kind, rule.args
+    if kind == "at_least":
+        return [args[0] - 1]
+    if kind == "positive":
+        return [0, -1]
+    if kind == "non_negative":
+        return [-1]
+    if kind == "interval":
+        lo, hi, lo_in, hi_in = args
+        return [lo - 1, hi + 1] + ([] if lo_in else [lo]) + ([] if hi_in else [hi])
+    if kind == "must_be":
+        return [not args[0]]
+    if kind == "nonempty_names":
+        return [[], [1]]
+    if kind == "dir_or_name":
+        return ["./no_such_model_dir"]
+    raise AssertionError(f"no violating value known for rule kind {kind!r}")
+
+
+FIELD_RULES = [(section, f.name, f.metadata["check"]) for section, cls in SECTIONS.items()
+               for f in dataclasses.fields(cls) if f.metadata.get("check") is not None]
+
+
+@pytest.mark.parametrize("section, name, rule", FIELD_RULES, ids=[f"{s}.{n}" for s, n, _ in FIELD_RULES])
+def test_each_field_rule_lives_with_its_field(section, name, rule):
+    for value in _violating(rule):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"{section}.{name}={json.dumps(value)}"])
+        assert f"{section}.{name} = " in str(err.value) and rule.expected in str(err.value), str(err.value)
 
 
 def test_bad_files_name_the_file_and_key(tmp_path):

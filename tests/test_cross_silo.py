@@ -22,7 +22,7 @@ import torch
 
 from fedml_fibec.config import load_config
 from fedml_fibec.errors import ConfigError
-from fedml_fibec.integration.ipconfig import Endpoint, loopback, parse_hosts, read_ipconfig, to_csv
+from fedml_fibec.engines.cross_silo.ipconfig import Endpoint, loopback, parse_hosts, read_ipconfig, to_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "run_scripts" / "run_fibec.py"
@@ -108,8 +108,8 @@ def test_grpc_rank_is_required_and_checked(tmp_path, tiny_assets):
 
 def test_repeated_exchange_starts_from_the_device_state_before_it(tmp_path):
     """After a server crash the same exchange may come again: the device state is rolled back first."""
-    from fedml_fibec.integration.cross_silo import DeviceLedger
-    from fedml_fibec.integration.state_store import DeviceStateStore
+    from fedml_fibec.engines.cross_silo.client_manager import DeviceLedger
+    from fedml_fibec.core.state_store import DeviceStateStore
 
     store = DeviceStateStore(tmp_path)
     ledger = DeviceLedger(store)

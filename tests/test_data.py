@@ -278,7 +278,9 @@ def test_encode_single_and_pair():
     assert ep.input_ids.shape == (2, 8)
     assert ep.input_ids[0, :2].tolist() == [tok.convert_tokens_to_ids(w) for w in ["good", "film"]]
     assert tok.convert_tokens_to_ids("plot") in ep.input_ids[0].tolist()
-    assert set(ep.model_inputs()) >= {"input_ids", "attention_mask"}
+    from fedml_fibec.core.local import model_inputs
+
+    assert set(model_inputs(ep, [0, 1], torch.device("cpu"))) >= {"input_ids", "attention_mask"}
     both = EncodedSet.concat([enc.subset([0]), enc.subset([1])])
     assert torch.equal(both.input_ids, enc.input_ids)
 
@@ -341,3 +343,26 @@ def test_build_federated_data_config_errors(tmp_path):
         _fd(tmp_path, source="ftp")
     with pytest.raises(DataError, match="min_samples_per_device"):
         _fd(tmp_path, min_samples_per_device=100)
+
+
+def test_encode_cached_encodes_once_and_reads_the_same_tensors(tmp_path, monkeypatch):
+    from fedml_fibec.data import encode as encode_module
+
+    tok = tiny_tokenizer()
+    table = TextTable(["good film", "bad plot and the script was awful", "good"], [0, 1, 0], ["a", "b"])
+    calls = []
+    real = encode_module.encode
+    monkeypatch.setattr(encode_module, "encode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = encode_module.encode_cached(table, tok, max_length=6, cache_dir=tmp_path)
+    second = encode_module.encode_cached(table, tok, max_length=6, cache_dir=tmp_path)
+    assert len(calls) == 1 and len(list((tmp_path / "encoded").glob("*.pt"))) == 1
+    reference = real(table, tok, max_length=6)
+    for enc in (first, second):
+        assert torch.equal(enc.input_ids, reference.input_ids) and torch.equal(enc.labels, reference.labels)
+        assert torch.equal(enc.attention_mask, reference.attention_mask) and enc.token_type_ids is None
+    # another length, other texts or other labels are other encodings
+    encode_module.encode_cached(table, tok, max_length=8, cache_dir=tmp_path)
+    encode_module.encode_cached(TextTable(["good film", "bad"], [0, 1], ["a", "b"]), tok, max_length=6,
+                                cache_dir=tmp_path)
+    encode_module.encode_cached(TextTable(table.texts, [1, 1, 0], ["a", "b"]), tok, max_length=6, cache_dir=tmp_path)
+    assert len(calls) == 4 and len(list((tmp_path / "encoded").glob("*.pt"))) == 4

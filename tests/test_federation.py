@@ -1,50 +1,54 @@
-"""Our FedML trainer and aggregator driven in one process (FedML's call order, no MPI)."""
+"""The device round and the server round of our engine driven in one process (no FedML, no MPI)."""
+import dataclasses
+
 import torch
 
 from fedml_fibec.algorithm import payload_bytes
-from fedml_fibec.integration.payload import shared_keys
-from fedml_fibec.integration.state_store import DeviceStateStore
+from fedml_fibec.methods import METHODS
 from fedml_fibec.models import block_index
 from harness import run_federation, tiny_config
 
 
-def globals_of(aggregator):
-    return {k: v.clone() for k, v in aggregator.global_tensors.items()}
+def globals_of(federation):
+    return {k: v.clone() for k, v in federation.server.global_tensors.items()}
 
 
 def test_fibecfed_reduces_to_fedavg_lora(tiny_assets, tmp_path):
     """FIBECFED.md section 6: g0 = 1, gal_ratio = 1, rho = 1 give FedAvg-LoRA's global model."""
     model_dir, csv = tiny_assets
-    fedavg, _, _ = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg"), tmp_path / "a")
-    fibec, metrics, _ = run_federation(
+    fedavg = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg"), tmp_path / "a")
+    fibec = run_federation(
         tiny_config(model_dir, csv, "federated_optimizer=FibecFed", "g0=1", "gal_ratio=1", "rho=1"), tmp_path / "b")
     a, b = globals_of(fedavg), globals_of(fibec)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
-    assert all(r["curriculum_share"] == 1.0 for r in metrics.records)
+    assert all(r["curriculum_share"] == 1.0 for r in fibec.records)
     # and training moved the model: the reduction is not two untouched copies
-    init = run_federation(tiny_config(model_dir, csv, "comm_round=1", "local_steps=1"), tmp_path / "c")[0]
+    init = run_federation(tiny_config(model_dir, csv, "comm_round=1", "local_steps=1"), tmp_path / "c").server
     assert any(not torch.equal(a[k], init.global_tensors[k]) for k in a)
 
 
 def test_default_fibecfed_differs_from_fedavg(tiny_assets, tmp_path):
     model_dir, csv = tiny_assets
-    fedavg = globals_of(run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg"), tmp_path / "a")[0])
-    fibec = globals_of(run_federation(tiny_config(model_dir, csv), tmp_path / "b")[0])
+    fedavg = globals_of(run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg"), tmp_path / "a"))
+    fibec = globals_of(run_federation(tiny_config(model_dir, csv), tmp_path / "b"))
     assert any(not torch.allclose(fedavg[k], fibec[k]) for k in fedavg)
 
 
 def test_bytes_follow_the_gal_share(tiny_assets, tmp_path):
     model_dir, csv = tiny_assets
-    fedavg, m_avg, _ = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg"), tmp_path / "a")
-    fibec, m_fib, _ = run_federation(tiny_config(model_dir, csv, "gal_ratio=0.5"), tmp_path / "b")
-    assert len(fibec.gal) == 1 and all(r["gal"] == fibec.gal for r in m_fib.records)
-    keys = list(fibec.global_tensors)
-    full = payload_bytes({k: fibec.global_tensors[k] for k in keys})
-    shared = payload_bytes({k: fibec.global_tensors[k] for k in shared_keys(keys, fibec.gal, block_index)})
+    fedavg = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg"), tmp_path / "a")
+    fibec = run_federation(tiny_config(model_dir, csv, "gal_ratio=0.5"), tmp_path / "b")
+    server = fibec.server
+    assert len(server.gal) == 1 and all(r["gal"] == server.gal for r in fibec.records)
+    keys = list(server.global_tensors)
+    full = payload_bytes({k: server.global_tensors[k] for k in keys})
+    shared_keys = METHODS["FibecFed"].shared_keys(keys, server.gal, block_index)
+    shared = payload_bytes({k: server.global_tensors[k] for k in shared_keys})
+    assert shared_keys == server.shared_keys()
     per_round = 2  # devices per round
-    for r_avg, r_fib in zip(m_avg.records[1:], m_fib.records[1:]):
+    for r_avg, r_fib in zip(fedavg.records[1:], fibec.records[1:]):
         assert r_avg["bytes_up"] == per_round * full
         assert r_fib["bytes_up"] == per_round * shared
         assert r_fib["bytes_down"] == per_round * shared
@@ -55,51 +59,48 @@ def test_device_state_follows_the_device_not_the_process(tiny_assets, tmp_path):
     """Device i served by process A in one round and process B in another continues its own state."""
     model_dir, csv = tiny_assets
     cfg = tiny_config(model_dir, csv, "client_num_in_total=3", "comm_round=4", "rho=0.5")
-    same, _, _ = run_federation(cfg, tmp_path / "same", assign=lambda exchange, slot: slot)
-    swapped, _, _ = run_federation(cfg, tmp_path / "swap", assign=lambda exchange, slot: (slot + exchange) % 2)
+    same = run_federation(cfg, tmp_path / "same", assign=lambda exchange, slot: slot)
+    swapped = run_federation(cfg, tmp_path / "swap", assign=lambda exchange, slot: (slot + exchange) % 2)
     a, b = globals_of(same), globals_of(swapped)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
-    store = DeviceStateStore(tmp_path / "swap" / "device_state")
-    states = [store.load(d) for d in range(3)]
+    states = [swapped.store.load(d) for d in range(3)]
     assert sum(s.get("participations", 0) for s in states) == 4 * 2
     for s in states:
         if s.get("participations", 0) > 1:
             assert "difficulty" in s and "momentum" in s and s["local"]
             # a device-local tensor kept by the device differs from the global copy
-            assert any(not torch.equal(v, same.global_tensors[k]) for k, v in s["local"].items())
+            assert any(not torch.equal(v, same.server.global_tensors[k]) for k, v in s["local"].items())
 
 
 def test_payload_with_wrong_keys_is_rejected_and_counted(tiny_assets, tmp_path):
     model_dir, csv = tiny_assets
     cfg = tiny_config(model_dir, csv, "comm_round=1")
-    aggregator, metrics, trainers = run_federation(cfg, tmp_path / "ok")
-    good = trainers[0].get_model_params()
-    bad = dict(good, tensors=dict(good["tensors"]), device_id=99)
-    bad["tensors"].pop(next(iter(bad["tensors"])))
-    nan = dict(good, tensors={k: v.clone() for k, v in good["tensors"].items()}, device_id=98)
-    first = next(iter(nan["tensors"]))
-    nan["tensors"][first][...] = float("nan")
-    before = globals_of(aggregator)
-    aggregator.aggregate([(1, good), (1, bad), (1, nan)])
-    aggregator.test(None, None, None)
-    record = metrics.records[-1]
-    assert record["rejected_payloads"] == 2 and record["devices"] == [good["device_id"]]
-    for k, v in good["tensors"].items():
-        torch.testing.assert_close(aggregator.global_tensors[k], v.float())
-    assert before.keys() == aggregator.global_tensors.keys()
+    federation = run_federation(cfg, tmp_path / "ok")
+    server = federation.server
+    good = federation.last_uploads[0]
+    bad = dataclasses.replace(good, tensors=dict(good.tensors), device_id=99)
+    bad.tensors.pop(next(iter(bad.tensors)))
+    nan = dataclasses.replace(good, tensors={k: v.clone() for k, v in good.tensors.items()}, device_id=98)
+    nan.tensors[next(iter(nan.tensors))][...] = float("nan")
+    before = globals_of(federation)
+    record = server.aggregate([good, bad, nan])
+    assert record["rejected_payloads"] == 2 and record["devices"] == [good.device_id]
+    for k, v in good.tensors.items():
+        torch.testing.assert_close(server.global_tensors[k], v.float())
+    assert before.keys() == server.global_tensors.keys()
 
 
 def test_lora_fl_baselines_share_the_right_tensors(tiny_assets, tmp_path):
     model_dir, csv = tiny_assets
-    ffa, _, ffa_trainers = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FFA-LoRA"), tmp_path / "a")
-    up = ffa_trainers[0].get_model_params()["tensors"]
+    ffa = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FFA-LoRA"), tmp_path / "a")
+    up = ffa.last_uploads[0].tensors
     assert up and not any(".lora_A." in k for k in up)
     init = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FFA-LoRA", "comm_round=1",
-                                      "local_steps=1"), tmp_path / "i")[0]
-    for k, v in ffa.global_tensors.items():
+                                      "local_steps=1"), tmp_path / "i").server
+    for k, v in ffa.server.global_tensors.items():
         if ".lora_A." in k:
             assert torch.equal(v, init.global_tensors[k])  # A never trained
-    sa, _, sa_trainers = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedSA-LoRA"), tmp_path / "b")
-    up = sa_trainers[0].get_model_params()["tensors"]
+    sa = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedSA-LoRA"), tmp_path / "b")
+    up = sa.last_uploads[0].tensors
     assert any(".lora_A." in k for k in up) and not any(".lora_B." in k for k in up)

@@ -11,7 +11,7 @@ from tiny import tiny_batch, tiny_model, tiny_texts, tiny_tokenizer
 
 from fedml_fibec import algorithm as alg
 from fedml_fibec.data import EncodedSet
-from fedml_fibec.integration.local import evaluate, make_optimizer, train_steps
+from fedml_fibec.core.local import evaluate, make_optimizer, train_steps
 from fedml_fibec.models import transformer_blocks
 
 ROOT = Path(__file__).resolve().parent.parent

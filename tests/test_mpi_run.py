@@ -56,12 +56,49 @@ def test_fedavg_two_rounds_offline(tmp_path, tiny_assets):
     assert summary["total_bytes_up"] == sum(r["bytes_up"] for r in rows) > 0
     assert summary["config"]["train_args"]["comm_round"] == 2
     assert "| FedAvg | 2 |" in proc.stdout and str(out) in proc.stdout
+    console_lines_are_only_ours(proc.stdout, rounds=2)
+    # what the console no longer shows is in the per-rank files
+    assert (out / "logs" / "rank1.out").exists() and "round 2/2" in (out / "logs" / "rank0.log").read_text()
     # No Python socket in any rank tried to leave this machine.
     assert not guard.exists() or guard.read_text() == ""
     # FedML's own files stayed inside the run folder.
     assert (out / "fedml_home").is_dir()
     assert (out / "accuracy_vs_round.png").stat().st_size > 1000
     assert "| FedAvg | 2 |" in (out / "summary.md").read_text()
+
+
+def console_lines_are_only_ours(stdout: str, rounds: int) -> None:
+    """A normal run's stdout: the start line, one progress line per round, the table and the folder."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert "results and logs in" in lines[0], lines[:3]
+    progress = lines[1:1 + rounds]
+    assert [p.split("] ", 1)[1].split("  ")[0] for p in progress] == [f"round {r}/{rounds}" for r in
+                                                                       range(1, rounds + 1)], lines
+    assert all("ETA" in p for p in progress)
+    rest = lines[1 + rounds:]
+    assert all(line.startswith("|") for line in rest[:-1]) and len(rest) == 4, rest
+    assert rest[-1].startswith("results: ")
+
+
+def test_fewer_client_processes_serving_several_devices_give_identical_results(tmp_path, tiny_assets):
+    """worker_num below client_num_per_round: -np 3 with 4 devices per round equals -np 5, to the last digit."""
+    common = ("comm_round=3", "client_num_per_round=4", "gal_ratio=0.5", "rho=0.5", "torch_threads=1")
+    five, three = tmp_path / "np5", tmp_path / "np3"
+    proc = mpirun(five, tiny_assets, *common, np=5, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = mpirun(three, tiny_assets, *common, "worker_num=2", np=3, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = records(five), records(three)
+    keys = ("round", "global_accuracy", "global_loss", "device_accuracy", "train_loss", "bytes_up", "bytes_down",
+            "devices", "gal", "curriculum_share", "updated_neuron_share", "num_devices")
+    assert [{k: r[k] for k in keys} for r in a] == [{k: r[k] for k in keys} for r in b]
+    assert all(r["num_devices"] == 4 for r in b)
+    import torch
+
+    ga = torch.load(five / "checkpoint.pt", weights_only=False)["aggregator"]["global_tensors"]
+    gb = torch.load(three / "checkpoint.pt", weights_only=False)["aggregator"]["global_tensors"]
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert "over 2 client process(es)" in proc.stdout
 
 
 def test_fibecfed_three_rounds_logs_gal_and_sends_less(tmp_path, tiny_assets):

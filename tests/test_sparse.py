@@ -6,24 +6,26 @@ from tiny import tiny_batch, tiny_model, tiny_texts, tiny_tokenizer
 
 from fedml_fibec.algorithm.sparse import (
     SparseUpdate,
-    accumulate_squared_grads,
-    momentum_update,
+        momentum_update,
     neuron_scores,
     select_top_neurons,
+    squared_grad_hooks,
 )
 
 
-def test_accumulate_and_neuron_scores():
+def test_squared_grad_hooks_accumulate_each_backward_and_neuron_scores():
     w = torch.nn.Parameter(torch.zeros(3, 2))
     v = torch.nn.Parameter(torch.zeros(2))
     acc = {}
-    w.grad = torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 0.0]])
-    accumulate_squared_grads(acc, {"w": w, "v": v})  # v has no grad: skipped
+    hooks = squared_grad_hooks(acc, {"w": w, "v": v})
+    (w * torch.tensor([[1.0, 2.0], [0.0, -1.0], [3.0, 0.0]])).sum().backward()  # v gets no grad: skipped
     assert set(acc) == {"w"}
-    w.grad = torch.ones(3, 2)
-    v.grad = torch.tensor([2.0, -3.0])
-    accumulate_squared_grads(acc, {"w": w, "v": v})
+    ((w * torch.ones(3, 2)).sum() + (v * torch.tensor([2.0, -3.0])).sum()).backward()
     assert torch.equal(acc["w"], torch.tensor([[2.0, 5.0], [1.0, 2.0], [10.0, 1.0]]))
+    assert torch.equal(acc["v"], torch.tensor([4.0, 9.0]))
+    for h in hooks:
+        h.remove()
+    (w.sum() + v.sum()).backward()  # removed: nothing more is added
     assert torch.equal(acc["v"], torch.tensor([4.0, 9.0]))
     scores = neuron_scores(acc)
     assert torch.equal(scores["w"], torch.tensor([7.0, 3.0, 11.0]))

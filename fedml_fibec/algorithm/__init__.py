@@ -13,7 +13,7 @@ from .layer_selection import (
 )
 from .sparse import (
     SparseUpdate,
-    accumulate_squared_grads,
+    squared_grad_hooks,
     momentum_update,
     neuron_scores,
     select_top_neurons,
@@ -24,5 +24,5 @@ __all__ = [
     "curriculum_batches", "curriculum_size", "easiest_first", "local_batches", "pacing",
     "embedding_fisher_scores", "lora_fisher_scores", "per_sample_fisher_scores", "score_dataset",
     "grad_sensitivity_layer_scores", "perturbation_layer_scores", "select_gal", "weighted_mean_scores",
-    "SparseUpdate", "accumulate_squared_grads", "momentum_update", "neuron_scores", "select_top_neurons",
+    "SparseUpdate", "squared_grad_hooks", "momentum_update", "neuron_scores", "select_top_neurons",
 ]

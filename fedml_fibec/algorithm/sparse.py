@@ -11,15 +11,18 @@ import torch
 from torch import Tensor, nn
 
 
-def accumulate_squared_grads(acc: dict[str, Tensor], params: Mapping[str, nn.Parameter]) -> None:
-    """acc[name] += grad ** 2 (float32) for every param that has a gradient."""
-    with torch.no_grad():
-        for name, p in params.items():
-            if p.grad is None:
-                continue
-            if name not in acc:
-                acc[name] = torch.zeros(p.shape, dtype=torch.float32, device=p.grad.device)
-            acc[name].addcmul_(p.grad.float(), p.grad.float())
+def squared_grad_hooks(acc: dict[str, Tensor], params: Mapping[str, nn.Parameter]) -> list:
+    """Hooks adding grad ** 2 (float32) into acc[name] at every backward pass; remove them when done.
+
+    A hook sees the gradient as autograd produces it, before clipping and before a sparse mask
+    zeroes rows, so every row of a trained module gets a true score at no extra backward pass.
+    """
+    def hook_for(name: str):
+        def hook(grad: Tensor) -> None:
+            sq = grad.detach().float() ** 2
+            acc[name] = sq if name not in acc else acc[name] + sq
+        return hook
+    return [p.register_hook(hook_for(name)) for name, p in params.items()]
 
 
 def neuron_scores(sq_grads: Mapping[str, Tensor]) -> dict[str, Tensor]:

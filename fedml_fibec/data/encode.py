@@ -1,11 +1,16 @@
 """Tokenize a TextTable into fixed-length tensors."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from fedml_fibec.atomic import atomic_write, file_lock
 from fedml_fibec.data.sources import TextTable
 from fedml_fibec.errors import ConfigError, DataError
 
@@ -44,13 +49,6 @@ class EncodedSet:
             labels=self.labels[i],
             token_type_ids=None if self.token_type_ids is None else self.token_type_ids[i],
         )
-
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """The keyword tensors a HF model takes (labels excluded)."""
-        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
-        if self.token_type_ids is not None:
-            out["token_type_ids"] = self.token_type_ids
-        return out
 
     @staticmethod
     def concat(sets: Sequence["EncodedSet"]) -> "EncodedSet":
@@ -104,3 +102,41 @@ def encode(table: TextTable, tokenizer: Any, *, max_length: int, batch_size: int
         labels=torch.tensor(table.labels, dtype=torch.long),
         token_type_ids=torch.cat(types) if types else None,
     )
+
+
+CACHE_VERSION = 1
+
+
+def _fingerprint(table: TextTable, tokenizer: Any, max_length: int) -> str:
+    """What determines an encoding: the texts and labels, the whole tokenizer, the length, this code."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{int(max_length)}:{type(tokenizer).__name__}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # a fast tokenizer: its full JSON (vocab, normalizer, post-processor)
+        h.update(backend.to_str().encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(repr((tokenizer.pad_token, tokenizer.padding_side, tokenizer.truncation_side)).encode())
+    for column in (table.texts, table.texts_pair or []):
+        h.update(b"\x1e".join(t.encode() for t in column))
+        h.update(b"\x1d")
+    h.update(repr(list(table.labels)).encode())
+    return h.hexdigest()[:32]
+
+
+def encode_cached(table: TextTable, tokenizer: Any, *, max_length: int,
+                  cache_dir: str | os.PathLike | None) -> EncodedSet:
+    """`encode`, done once per (data, tokenizer, max_length) and read back by every later caller.
+
+    Every MPI rank builds the same data set; on a small machine eleven ranks tokenising at once
+    cost start-up time. The first caller encodes under a file lock and writes the tensors
+    atomically; the others wait for the lock and load them. cache_dir None: no cache.
+    """
+    if cache_dir is None:
+        return encode(table, tokenizer, max_length=max_length)
+    path = Path(cache_dir) / "encoded" / f"{_fingerprint(table, tokenizer, max_length)}.pt"
+    with file_lock(path.with_suffix(".lock")):
+        if not path.exists():
+            enc = encode(table, tokenizer, max_length=max_length)
+            atomic_write(path, lambda fh: torch.save(dataclasses.asdict(enc), fh))
+            return enc
+    return EncodedSet(**torch.load(path, map_location="cpu", weights_only=True))

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedml_fibec.data.encode import EncodedSet, encode
+from fedml_fibec.data.encode import EncodedSet, encode_cached
 from fedml_fibec.data.partition import partition_indices
 from fedml_fibec.data.sources import TextTable, load_builtin, load_files, load_hub
 from fedml_fibec.data.split import stratified_split, stratified_subsample
@@ -114,8 +114,10 @@ def build_federated_data(
     hub_config: str | None = None,
     max_train_samples: int | None = None,
     tables: tuple[TextTable, TextTable | None] | None = None,
+    encode_cache_dir: str | os.PathLike | None = None,
 ) -> FederatedData:
-    """Load (or take `tables` already loaded), split if no test set, subsample, partition and encode."""
+    """Load (or take `tables` already loaded), split if no test set, subsample, partition and encode
+    (once per data, tokenizer and length when `encode_cache_dir` is given)."""
     t0 = time.perf_counter()
     if tables is None:
         tables = load_source(source=source, dataset=dataset, cache_dir=cache_dir, train_file=train_file,
@@ -132,8 +134,8 @@ def build_federated_data(
     parts = partition_indices(np.asarray(train.labels), num_devices, method=partition_method,
                               alpha=partition_alpha, min_samples=min_samples_per_device, seed=seed + 2)
     # Encode once and slice: one tokenizer pass instead of one per device.
-    enc_train = encode(train, tokenizer, max_length=max_length)
-    enc_test = encode(test, tokenizer, max_length=max_length)
+    enc_train = encode_cached(train, tokenizer, max_length=max_length, cache_dir=encode_cache_dir)
+    enc_test = encode_cached(test, tokenizer, max_length=max_length, cache_dir=encode_cache_dir)
     fd = FederatedData(
         train=[DeviceData(d, enc_train.subset(p)) for d, p in enumerate(parts)],
         test=enc_test,

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..atomic import file_lock
+from ..data.encode import ensure_pad_token
 
 
 BUILTIN_MODELS: dict[str, str] = {
@@ -142,11 +143,8 @@ def load_model_and_tokenizer(
         if not is_local:
             raise _hub_error(model, exc) from exc
         raise ConfigError(f"`model` {model!r}: cannot load a sequence classifier from {source}: {exc}") from exc
-    if tokenizer.pad_token is None:
-        # GPT-2 and many Llama tokenizers have no pad token; eos is the usual stand-in.
-        if tokenizer.eos_token is None:
-            raise ConfigError(f"`model` {model!r}: the tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    # GPT-2 and many Llama tokenizers have no pad token; eos is the usual stand-in.
+    ensure_pad_token(tokenizer)
     # Decoder classifiers pool the last token that is not pad_token_id, so the model must know the
     # tokenizer's pad id (pad on either side then works with input_ids; we keep right padding).
     net.config.pad_token_id = tokenizer.pad_token_id

@@ -5,7 +5,7 @@ aggregator's state (round, phase, global tensors, GAL, layer scores, byte carry)
 records so far and the elapsed time, the device sampler's position, the silos still taking part,
 and the torch / numpy / python RNG states. `<out>/checkpoint.json` is a small readable summary of
 the same point. Devices keep their own state in their store (FIBECFED.md section 5), with the
-per-device backup of fedml_fibec.integration.cross_silo.DeviceLedger for a repeated exchange.
+per-device backup of engines/cross_silo/client_manager.DeviceLedger for a repeated exchange.
 """
 from __future__ import annotations
 
@@ -18,16 +18,16 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..atomic import atomic_write, atomic_write_text
-from ..config import RunConfig
-from ..errors import ConfigError
+from ...atomic import atomic_write, atomic_write_text
+from ...config import RunConfig
+from ...errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
-VERSION = 1
+VERSION = 2  # 2: the server round's state (no per-round download bytes)
 
 # Keys that may differ between the interrupted run and its resumption (how to reach and wait for
 # peers, logging and placement); everything else must match the run's config.yaml.
-RESUME_MUTABLE = {"grpc_ipconfig_path", "round_timeout_s", "min_silos_per_round", "connect_timeout_s",
+RESUME_MUTABLE = {"worker_num", "grpc_ipconfig_path", "round_timeout_s", "min_silos_per_round", "connect_timeout_s",
                   "log_level", "torch_threads", "data_cache_dir", "using_gpu", "gpu_mapping_file",
                   "gpu_mapping_key"}
 

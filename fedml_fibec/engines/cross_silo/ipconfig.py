@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 HEADER = ["eid", "rank", "grpc_server_ip", "grpc_server_port"]
 BASE_PORT = 8890  # FedML's CommunicationConstants.GRPC_BASE_PORT

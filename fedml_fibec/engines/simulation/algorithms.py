@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from ..integration.fedml_glue import sample_devices
+from ...config import RunConfig
+from ...core.seeds import sample_devices
 
 # FedML name -> (API module, entry function, server-side aggregator class in that module)
 ALGORITHMS = {
@@ -33,8 +34,11 @@ SERVER_ADAM_EPS = 1e-3
 class _RoundHooks:
     """Mixed into a FedML aggregator: our client sampling, and uploads shown to our ServerAggregator."""
 
+    cfg: RunConfig  # set on the subclass by install()
+
     def client_sampling(self, round_idx, client_num_in_total, client_num_per_round):
-        return sample_devices(int(self.args.random_seed), int(round_idx), client_num_in_total, client_num_per_round)
+        return sample_devices(self.cfg.common_args.random_seed, int(round_idx), client_num_in_total,
+                              client_num_per_round)
 
     def add_local_trained_result(self, index, *result):
         self.aggregator.observe_upload(result[0])
@@ -46,20 +50,22 @@ class _ServerAdam:
     which torch's Adam does not take; Adam gets betas=(server_momentum, 0.99) instead."""
 
     def _instantiate_opt(self):
-        if str(self.args.server_optimizer).lower() != "adam":
+        tr = self.cfg.train_args
+        if tr.server_optimizer != "adam":
             return super()._instantiate_opt()
         params = [p for p in self.get_model_params() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.args.server_lr, betas=(self.args.server_momentum, 0.99),
-                                eps=SERVER_ADAM_EPS)
+        return torch.optim.Adam(params, lr=tr.server_lr, betas=(tr.server_momentum, 0.99), eps=SERVER_ADAM_EPS)
 
 
-def install(method: str) -> Callable:
+def install(method: str, cfg: RunConfig) -> Callable:
     """Put our aggregator subclass into FedML's API module for `method`; return FedML's entry function."""
     module_name, entry, cls_name = ALGORITHMS[method]
     api = importlib.import_module(module_name)
     base = getattr(api, cls_name)
-    if not issubclass(base, _RoundHooks):
-        mixins = (_RoundHooks, _ServerAdam) if method == "FedOpt" else (_RoundHooks,)
-        setattr(api, cls_name, type(f"Sampled{cls_name}", (*mixins, base),
-                                    {"__doc__": f"FedML's {cls_name} with our round sampling and upload bookkeeping."}))
+    if issubclass(base, _RoundHooks):  # installed before in this process: FedML's own class is its base
+        base = next(b for b in base.__mro__[1:] if not issubclass(b, _RoundHooks) and b.__name__ == cls_name)
+    mixins = (_RoundHooks, _ServerAdam) if method == "FedOpt" else (_RoundHooks,)
+    setattr(api, cls_name, type(f"Sampled{cls_name}", (*mixins, base),
+                                {"cfg": cfg, "__doc__": f"FedML's {cls_name} with our round sampling and upload "
+                                 "bookkeeping."}))
     return getattr(api, entry)

@@ -21,7 +21,7 @@ from fedml.core.distributed.communication.grpc import grpc_comm_manager as fedml
 from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2, grpc_comm_manager_pb2_grpc
 from fedml.core.distributed.communication.message import Message
 
-from ..errors import ConfigError, FibecError
+from ...errors import ConfigError, FibecError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,6 @@ class QuietGrpcCommManager(fedml_grpc.GRPCCommManager):
         self.rpc_timeout_s = RPC_TIMEOUT_S
         self.bytes_sent = 0
         self.bytes_received = 0
-        self.messages_sent = 0
 
     # sending -------------------------------------------------------------------------------------
     def _url(self, rank: int) -> str:
@@ -74,7 +73,6 @@ class QuietGrpcCommManager(fedml_grpc.GRPCCommManager):
             try:
                 grpc_comm_manager_pb2_grpc.gRPCCommManagerStub(channel).sendMessage(request, timeout=self.rpc_timeout_s)
                 self.bytes_sent += len(payload)
-                self.messages_sent += 1
                 return
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None

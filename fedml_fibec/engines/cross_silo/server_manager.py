@@ -1,84 +1,62 @@
-"""FedML's cross-silo server and client managers with round timeouts, checkpoints and re-joining silos.
+"""FedML's cross-silo server loop with round timeouts, checkpoints, re-joining silos and several
+devices per client process.
 
-Made from our side without editing FedML (subclasses of FedMLServerManager / ClientMasterManager),
-for both backends; the timeout parts act only on GRPC (under mpirun a lost rank ends the job).
-
-Server (FibecServerManager), per exchange:
-- sends the global message to the silos taking part (`active`); a silo that cannot be reached is
-  left out of the round;
-- collects uploads tagged with the exchange they answer (late answers to an earlier exchange are
-  dropped, duplicates ignored); when all arrived, aggregates in silo order (as FedML does), tests,
-  writes the checkpoint and starts the next exchange;
+Made from our side without editing FedML (a subclass of FedMLServerManager), for both backends;
+the timeout parts act only on GRPC (under mpirun a lost rank ends the job). Per exchange:
+- the round's devices are drawn and split over the client processes taking part (`active`); each
+  process gets the global message once with the list of its devices (one each in FedML's layout);
+  a silo that cannot be reached is left out of the round;
+- uploads are bundles tagged with the exchange they answer (late answers to an earlier exchange
+  are dropped, duplicates ignored); when all arrived they are aggregated in the round's device
+  order, tested, checkpointed, and the next exchange starts;
 - after `round_timeout_s` (GRPC) without all uploads: with at least `min_silos_per_round` answers
-  it aggregates those and drops the missing silos (each later exchange probes them; a silo that
+  it aggregates those and drops the missing silos (each later exchange probes them; one that
   answers, e.g. after a restart, re-joins at the next exchange); with fewer it stops: it tells the
   live silos to finish and raises SiloFailure (the last completed exchange is checkpointed). The
   same timeout bounds the wait for silos at start-up and for their goodbyes at the end.
 The timeout is a local message posted into the transport's receive queue by a timer thread, so all
 state changes happen on FedML's main loop.
-
-Client (FibecClientManager): trains on every model message (initial or not, so a restarted server
-can re-initialise running silos), decides the end from the message itself (its round reaches
-comm_round), tags each upload with the exchange it answers, and keeps a per-device backup so that
-an exchange repeated after a server crash starts from the same device state (DeviceLedger).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Optional
 
-import torch
 from fedml.core.distributed.communication.message import Message
-from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
-from fedml.cross_silo.client.message_define import MyMessage as ClientMessage
 from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
 from fedml.cross_silo.server.message_define import MyMessage
 
-from ..atomic import atomic_write, atomic_write_text
-from ..config import RunConfig
-from ..errors import FibecError
+from ...config import RunConfig
+from ...errors import FibecError
 from . import checkpoint
-from .payload import PHASE_TRAIN
+from .faults import ENV_STOP_AFTER_ROUND, FaultPlan, SimulatedCrash
+from .sampling import split_devices
+from .wire import device_list_arg, unbundle
 
 log = logging.getLogger("fedml_fibec")
 
 MSG_TYPE_TIMEOUT = "fibec_round_timeout"
 MSG_ARG_TOKEN = "fibec_token"
-REPLY_TO = "reply_to"  # upload key: the (round, phase) of the message the upload answers
-
-# Debug switches for tests (simulated faults), read from the environment.
-ENV_STOP_AFTER_ROUND = "FEDML_FIBEC_STOP_AFTER_ROUND"  # server: checkpoint round k, then exit (crash)
-ENV_CORRUPT_UPLOAD = "FEDML_FIBEC_CORRUPT_UPLOAD"  # silo: NaN in its upload of training round k
 
 
 class SiloFailure(FibecError):
     """Too few silos answered: the run stopped (the last completed exchange is checkpointed)."""
 
 
-class SimulatedCrash(FibecError):
-    """FEDML_FIBEC_STOP_AFTER_ROUND: the server stopped on purpose after a checkpoint."""
-
-
-def exchange_tag(message: dict) -> list:
-    """What identifies an exchange in a download message (and in the upload answering it)."""
-    return [int(message["round"]), str(message["phase"])]
-
-
 class FibecServerManager(FedMLServerManager):
     """FedML's cross-silo server loop with timeouts, dropped and re-joining silos, and checkpoints."""
 
     def __init__(self, args, aggregator, comm, rank, size, backend, *, cfg: RunConfig, out_dir: Path,
-                 metrics, first_exchange: int = 0, active: Optional[list[int]] = None):
+                 metrics, first_exchange: int = 0, active: Optional[list[int]] = None,
+                 faults: FaultPlan = FaultPlan()):
         super().__init__(args, aggregator, comm, rank, size, backend)
         self.cfg = cfg
         self.out_dir = Path(out_dir)
         self.metrics = metrics
+        self.faults = faults
         self.grpc = backend == "GRPC"
         c = cfg.comm_args
         self.timeout = c.round_timeout_s if self.grpc else None
@@ -88,14 +66,15 @@ class FibecServerManager(FedMLServerManager):
         self.active = sorted(active or self.client_real_ids)
         self.online: set[int] = set()
         self.state = "connect"  # connect -> round -> finish
-        self.expected: set[int] = set()
-        self.received: dict[int, tuple] = {}
+        self.expected: dict[int, list[int]] = {}  # client process -> the devices it serves this exchange
+        self.received: dict[int, list] = {}
         self.tag: Optional[list] = None
         self.failure: Optional[FibecError] = None
         self._token = 0
         self._timer: Optional[threading.Timer] = None
         self._sent_any: set[int] = set()
         self._wire = (0, 0)
+        self.first_exchange_at: Optional[float] = None  # unix time the first exchange was sent (start-up ends)
         if self.grpc:
             # The server does not wait long for one silo: the round timeout covers missing ones.
             self.com_manager.retry_s = min(5.0, c.connect_timeout_s)
@@ -152,26 +131,30 @@ class FibecServerManager(FedMLServerManager):
             self.active = sorted(self.active + [sender])
 
     # rounds ---------------------------------------------------------------------------------------
-    def _silo_indices(self, clients: list[int]) -> list[int]:
-        exchange_idx = self.args.round_idx
-        sampled = self.aggregator.data_silo_selection(exchange_idx, self.args.client_num_in_total, len(clients))
+    def _assign(self, clients: list[int]) -> list[list[int]]:
+        """The devices each client process serves in the next exchange (draws the round's devices)."""
         if self.grpc:  # each silo is one fixed device: silo r holds device r-1
-            return [cid - 1 for cid in clients]
-        return [int(i) for i in sampled]
+            return [[cid - 1] for cid in clients]
+        devices = self.aggregator.data_silo_selection(self.args.round_idx, self.args.client_num_in_total,
+                                                      self.cfg.train_args.client_num_per_round)
+        return split_devices([int(i) for i in devices], len(clients))
 
     def _start_exchange(self, message) -> None:
+        if self.first_exchange_at is None:
+            self.first_exchange_at = time.time()
         self.state = "round"
         self.is_initialized = True
         self._probe_dropped()
         clients = list(self.active)
-        indices = self._silo_indices(clients)
-        self.client_id_list_in_this_round, self.data_silo_index_list = clients, indices
-        self.tag = exchange_tag(message)
-        self.received, self.expected = {}, set()
-        for cid, index in zip(clients, indices):
+        runs = self._assign(clients)
+        self.client_id_list_in_this_round = clients
+        self.data_silo_index_list = [device_list_arg(run) for run in runs]
+        self.tag = [int(message["round"]), str(message["phase"])]
+        self.received, self.expected = {}, {}
+        for cid, run in zip(clients, runs):
             send = self.send_message_sync_model_to_client if cid in self._sent_any else self.send_message_init_config
-            if self._try_send(send, cid, message, index):
-                self.expected.add(cid)
+            if self._try_send(send, cid, message, device_list_arg(run)):
+                self.expected[cid] = run
                 self._sent_any.add(cid)
         dead = [cid for cid in clients if cid not in self.expected]
         if dead:  # dropped now; probed again at each later exchange
@@ -179,9 +162,9 @@ class FibecServerManager(FedMLServerManager):
                         sorted(self.expected))
             self.active = [cid for cid in self.active if cid not in dead]
         if len(self.expected) < self.min_silos:
-            self._fail(f"exchange {self._exchange()} (round {self.inner.round}): only {len(self.expected)} "
-                       f"silo(s) reachable, fewer than min_silos_per_round = {self.min_silos}; unreachable: "
-                       f"silo(s) {dead}")
+            self._fail(f"exchange {self._exchange()} (round {self.inner.server_round.round}): only "
+                       f"{len(self.expected)} silo(s) reachable, fewer than min_silos_per_round = {self.min_silos}; "
+                       f"unreachable: silo(s) {dead}")
             return
         self._arm(self.timeout)
 
@@ -213,45 +196,40 @@ class FibecServerManager(FedMLServerManager):
 
     def handle_message_receive_model_from_client(self, msg_params):
         sender = int(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER))
-        upload = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
-        n = msg_params.get(MyMessage.MSG_ARG_KEY_NUM_SAMPLES)
-        tag = upload.get(REPLY_TO) if isinstance(upload, dict) else None
+        tag, uploads = unbundle(msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS))
         if self.state != "round" or sender not in self.expected or sender in self.received or tag != self.tag:
             log.warning("ignored an upload from silo %d answering %s (now at %s, %s)", sender, tag, self.tag,
                         "a duplicate" if sender in self.received else "late or unexpected")
             return
-        self.received[sender] = (n, upload)
-        if set(self.received) == self.expected:
+        self.received[sender] = uploads
+        if set(self.received) == set(self.expected):
             self._complete_exchange()
 
     def _complete_exchange(self) -> None:
         self._disarm()
         order = sorted(self.received, key=self.client_real_ids.index)
-        model_list = [self.received[cid] for cid in order]
+        model_list = [(u["num_samples"], u) for cid in order for u in self.received[cid]]
+        transport = {}
+        if self.grpc:
+            sent, received = self.com_manager.bytes_sent, self.com_manager.bytes_received
+            transport = {"wire_bytes_down": sent - self._wire[0], "wire_bytes_up": received - self._wire[1],
+                         "silos_dropped": [cid for cid in self.client_real_ids if cid not in self.active]}
+            self._wire = (sent, received)
+        self.inner.note_exchange(receivers=sum(len(run) for run in self.expected.values()), **transport)
         model_list, _ = self.inner.on_before_aggregation(model_list)
         averaged = self.inner.aggregate(model_list)
         averaged = self.inner.on_after_aggregation(averaged)
         self.aggregator.set_global_model_params(averaged)
-        pending = getattr(self.inner, "_pending", None)
-        if self.grpc and isinstance(pending, dict):
-            sent, received = self.com_manager.bytes_sent, self.com_manager.bytes_received
-            pending["wire_bytes_down"], pending["wire_bytes_up"] = sent - self._wire[0], received - self._wire[1]
-            pending["silos_dropped"] = [cid for cid in self.client_real_ids if cid not in self.active]
-            per_round = self.cfg.train_args.client_num_per_round
-            if len(self.expected) != per_round:  # the aggregator counts the download once per silo
-                pending["bytes_down"] = pending["bytes_down"] * len(self.expected) // per_round
-            self._wire = (sent, received)
         self.aggregator.test_on_server_for_all_clients(self.args.round_idx)
         self.args.round_idx += 1
         done = self._exchange()
+        server_round = self.inner.server_round
         checkpoint.save(self.out_dir, aggregator=self.inner, metrics=self.metrics, exchanges_done=done,
-                        fedml_rounds=self.fedml_rounds, sampler_next=self.aggregator._next_exchange,
+                        fedml_rounds=self.fedml_rounds, sampler_next=self.aggregator.next_exchange,
                         active_silos=self.active, cfg=self.cfg)
-        stop_after = os.environ.get(ENV_STOP_AFTER_ROUND)
-        if stop_after is not None and self.inner.phase == PHASE_TRAIN and self.inner.round == int(stop_after) \
-                and done < self.fedml_rounds:
-            self.failure = SimulatedCrash(f"{ENV_STOP_AFTER_ROUND}={stop_after}: stopped after round "
-                                          f"{self.inner.round} (checkpointed in {self.out_dir})")
+        if self.faults.crash_now(server_round.phase, server_round.round) and done < self.fedml_rounds:
+            self.failure = SimulatedCrash(f"{ENV_STOP_AFTER_ROUND}={self.faults.stop_after_round}: stopped after "
+                                          f"round {server_round.round} (checkpointed in {self.out_dir})")
             self._stop(clean=False)
             return
         if self.args.round_idx < self.round_num:
@@ -260,9 +238,7 @@ class FibecServerManager(FedMLServerManager):
         # The last message: silos see its round reach comm_round, say goodbye and exit.
         self.state = "finish"
         self.client_id_list_in_this_round = list(self.active)
-        self.data_silo_index_list = self._silo_indices(self.active) if self.grpc else \
-            [int(i) for i in self.aggregator.data_silo_selection(self.args.round_idx, self.args.client_num_in_total,
-                                                                 len(self.active))]
+        self.data_silo_index_list = [device_list_arg(run) for run in self._assign(self.active)]
         for cid, index in zip(self.active, self.data_silo_index_list):
             self._try_send(self.send_message_sync_model_to_client, cid, averaged, index)
         self._arm(self.timeout)
@@ -291,7 +267,7 @@ class FibecServerManager(FedMLServerManager):
                            f"(min_silos_per_round = {self.min_silos}); missing: "
                            f"{[c for c in self.active if c not in online]}")
         elif self.state == "round":
-            missing = sorted(self.expected - set(self.received))
+            missing = sorted(set(self.expected) - set(self.received))
             if len(self.received) >= self.min_silos:
                 log.warning("exchange %d: no upload from silo(s) %s within %.0fs; going on with %d silo(s) %s "
                             "(the missing ones re-join when they answer again)", self._exchange(), missing, t,
@@ -299,9 +275,9 @@ class FibecServerManager(FedMLServerManager):
                 self.active = [cid for cid in self.active if cid not in missing]  # re-joined ones stay
                 self._complete_exchange()
             else:
-                self._fail(f"exchange {self._exchange()} (round {self.inner.round}): {len(self.received)} of "
-                           f"{len(self.expected)} silo(s) answered within {t:.0f}s, fewer than "
-                           f"min_silos_per_round = {self.min_silos}; no upload from silo(s) {missing}",
+                self._fail(f"exchange {self._exchange()} (round {self.inner.server_round.round}): "
+                           f"{len(self.received)} of {len(self.expected)} silo(s) answered within {t:.0f}s, fewer "
+                           f"than min_silos_per_round = {self.min_silos}; no upload from silo(s) {missing}",
                            silent=set(missing))
         elif self.state == "finish":
             log.warning("silo(s) %s did not confirm the end within %.0fs; finishing anyway",
@@ -312,8 +288,8 @@ class FibecServerManager(FedMLServerManager):
     def _fail(self, reason: str, silent: set | frozenset = frozenset()) -> None:
         done = self._exchange()
         ckpt = checkpoint.checkpoint_path(self.out_dir)
-        where = (f"the last completed exchange ({done} of {self.fedml_rounds}, {self.inner.round} training "
-                 f"round(s)) is checkpointed in {ckpt}; fix the silos and continue with "
+        where = (f"the last completed exchange ({done} of {self.fedml_rounds}, {self.inner.server_round.round} "
+                 f"training round(s)) is checkpointed in {ckpt}; fix the silos and continue with "
                  f"--resume {self.out_dir}") if ckpt.exists() else "no exchange was completed (nothing to resume)"
         self.failure = SiloFailure(f"{reason}. Stopped: {where}")
         log.error("%s", self.failure)
@@ -331,124 +307,3 @@ class FibecServerManager(FedMLServerManager):
             self.finish()
         else:
             self.com_manager.stop_receive_message()
-
-
-class DeviceLedger:
-    """Per-device backup so a repeated exchange (after a server crash) starts from the same state.
-
-    Before a device trains exchange E it records E and a copy of its state; asked to train E again
-    (the server was restarted from a checkpoint taken before E completed), it first puts the copy back.
-    """
-
-    def __init__(self, store):
-        self.store = store
-
-    def before_training(self, device_id: int, tag: list) -> None:
-        root = self.store.root
-        mark, backup = root / f"device_{device_id:05d}.exchange", root / f"device_{device_id:05d}.before.pt"
-        if mark.exists() and json.loads(mark.read_text()) == tag and backup.exists():
-            state = torch.load(backup, map_location="cpu", weights_only=False)
-            self.store.save(device_id, state)
-            log.warning("device %d: exchange %s is repeated; its state was restored from before it", device_id, tag)
-            return
-        state = self.store.load(device_id)
-        atomic_write(backup, lambda fh: torch.save(state, fh))
-        atomic_write_text(mark, json.dumps(tag))
-
-
-class FibecClientManager(ClientMasterManager):
-    """FedML's client loop: trains on every model message and ends when the message says so."""
-
-    def __init__(self, args, trainer_dist_adapter, comm, rank, size, backend, *, cfg: RunConfig, store):
-        super().__init__(args, trainer_dist_adapter, comm, rank, size, backend)
-        self.cfg = cfg
-        self.ledger = DeviceLedger(store)
-        self.grpc = backend == "GRPC"
-        if self.grpc:  # the server may start after this silo
-            self.com_manager.retry_s = cfg.comm_args.connect_timeout_s
-
-    def handle_message_init(self, msg_params):
-        self._serve(msg_params)
-
-    def handle_message_receive_model_from_server(self, msg_params):
-        self._serve(msg_params)
-
-    def handle_message_connection_ready(self, msg_params):
-        if not self.has_sent_online_msg:
-            self.has_sent_online_msg = True
-            self.send_client_status(0)
-
-    def _serve(self, msg_params) -> None:
-        message = msg_params.get(ClientMessage.MSG_ARG_KEY_MODEL_PARAMS)
-        index = int(msg_params.get(ClientMessage.MSG_ARG_KEY_CLIENT_INDEX))
-        tag = exchange_tag(message)
-        if message["phase"] == PHASE_TRAIN and int(message["round"]) >= self.cfg.train_args.comm_round:
-            self._goodbye()
-            return
-        held = self.trainer_dist_adapter.trainer.train_data_local_dict
-        if self.grpc and index not in held:
-            raise FibecError(f"the server asked silo {self.rank} for device {index}, but this silo holds device(s) "
-                             f"{sorted(held)}: the server and this silo disagree on ranks (same ipconfig and "
-                             "config on every host?)")
-        self.ledger.before_training(index, tag)
-        self.trainer_dist_adapter.update_dataset(index)
-        self.trainer_dist_adapter.update_model(message)
-        upload, n = self.trainer_dist_adapter.train(self.round_idx)
-        upload = dict(upload)
-        upload[REPLY_TO] = tag
-        corrupt = os.environ.get(ENV_CORRUPT_UPLOAD)
-        if corrupt is not None and tag == [int(corrupt), PHASE_TRAIN] and upload["tensors"]:
-            key = next(iter(upload["tensors"]))
-            upload["tensors"] = OrderedDict(upload["tensors"])
-            upload["tensors"][key] = torch.full_like(upload["tensors"][key], float("nan"))
-            log.warning("%s: sending a NaN upload for round %s on purpose", ENV_CORRUPT_UPLOAD, corrupt)
-        try:
-            if self.grpc:  # a server that is gone re-sends this exchange when it is resumed
-                self.com_manager.retry_s = min(10.0, self.cfg.comm_args.connect_timeout_s)
-            self.send_model_to_server(0, upload, n)
-        except FibecError as exc:
-            log.warning("upload for exchange %s not delivered (%s); waiting for the server", tag, exc)
-        self.round_idx += 1
-
-    def handle_message_finish(self, msg_params):
-        self._goodbye()
-
-    def _goodbye(self) -> None:
-        try:
-            if self.grpc:
-                self.com_manager.retry_s = 5.0
-            self.send_client_status(0, ClientMasterManager.RUN_FINISHED_STATUS_FLAG)
-        except FibecError as exc:
-            log.warning("could not tell the server goodbye: %s", exc)
-        self.finish()
-
-
-class GrpcWorld:
-    """The MpiWorld interface for a process started on its own (GRPC): no collectives."""
-
-    comm = None
-
-    def __init__(self, rank: int, size: int):
-        self.rank, self.size = rank, size
-
-    def bcast(self, value):
-        return value
-
-    def all_ok(self, ok: bool) -> bool:
-        return ok
-
-    def barrier(self) -> None:
-        pass
-
-    def abort(self, code: int) -> None:
-        # GRPC's server threads must not keep a failed process alive.
-        logging.shutdown()
-        os._exit(code)
-
-
-def silo_dataset(dataset: list, silo_index: Optional[int]) -> list:
-    """FedML's dataset list keeping only one silo's partition (None: the server keeps none)."""
-    keep = [] if silo_index is None else [silo_index]
-    num, local, test_local = dataset[4], dataset[5], dataset[6]
-    return [sum(num[i] for i in keep), dataset[1], None, dataset[3], {i: num[i] for i in keep},
-            {i: local[i] for i in keep}, {i: test_local[i] for i in keep}, dataset[7]]

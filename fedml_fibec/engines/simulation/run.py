@@ -1,6 +1,6 @@
 """One run of a FedML built-in algorithm on FedML's simulation-MPI path, after the shared set-up.
 
-integration/runner.run builds the model, the data and the device state store for every method,
+fedml_fibec/runner.run builds the model, the data and the device state store for every method,
 then hands simulation runs here: rank 0 is FedML's server, ranks 1..K its client processes, each
 serving the device FedML assigns it per round.
 """
@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..config import RunConfig
-from ..data import FederatedData, to_fedml_dataset
-from ..integration.state_store import DeviceStateStore
+from ...config import RunConfig
+from ...core.state_store import DeviceStateStore
+from ...data import FederatedData, to_fedml_dataset
 
 log = logging.getLogger("fedml_fibec")
 
@@ -23,15 +23,14 @@ def run_simulation(cfg: RunConfig, out_dir: Path, world, model, fed_data: Federa
     """Run this rank of FedML's FedAvg / FedProx / FedOpt / FedNova; the server returns the summary."""
     import fedml
 
-    from ..integration import mpi_transport
-    from ..integration.fedml_glue import fedml_arguments
-    from ..metrics import MetricsLog
+    from ...fedml_glue import mpi_transport
+    from ...fedml_glue.args import fedml_arguments
+    from ...metrics import MetricsLog
     from .aggregator import BaselineServerAggregator
-    from .fedml_algorithms import install
+    from .algorithms import install
     from .trainer import BaselineClientTrainer, FedNovaClientTrainer
 
     method, rank = cfg.train_args.federated_optimizer, world.rank
-    store = DeviceStateStore(store.root.resolve())  # the working directory changes below
     mpi_transport.install()
     dataset = to_fedml_dataset(fed_data)
     args = fedml_arguments(cfg, rank, world.comm, fedml_rounds=cfg.train_args.comm_round)
@@ -39,7 +38,7 @@ def run_simulation(cfg: RunConfig, out_dir: Path, world, model, fed_data: Federa
     fedml.init(args, check_env=False, should_init_logs=False)
     device = fedml.device.get_device(args)
     model.to(device)
-    entry = install(method)
+    entry = install(method, cfg)
     trainer = aggregator = metrics = None
     if rank == 0:
         metrics = MetricsLog(out_dir, f"FedML-{method}", cfg.train_args.comm_round)

@@ -8,23 +8,19 @@ test (FedNova). Each round ends in one metrics.jsonl record, the same fields our
 """
 from __future__ import annotations
 
-import logging
-import time
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 from fedml.core import ServerAggregator
 from torch import nn
 
-from .. import algorithm as alg
-from ..config import RunConfig
-from ..data import EncodedSet
-from ..metrics import MetricsLog
-from ..models import load_trainable_state, num_blocks, trainable_state_dict
-from ..integration.local import evaluate
-
-log = logging.getLogger(__name__)
+from ... import algorithm as alg
+from ...config import RunConfig
+from ...core.local import evaluate
+from ...core.records import RoundClock, round_record
+from ...data import EncodedSet
+from ...metrics import MetricsLog
+from ...models import load_trainable_state, num_blocks, trainable_state_dict
 
 
 class TrainableView(nn.Module):
@@ -48,11 +44,6 @@ class TrainableView(nn.Module):
             owner.register_parameter(leaf, params[name])
 
 
-def _mean(values) -> Optional[float]:
-    values = [v for v in values if v is not None]
-    return sum(values) / len(values) if values else None
-
-
 class BaselineServerAggregator(ServerAggregator):
     """Global trainable tensors for FedML's aggregators; one metrics record per round."""
 
@@ -61,13 +52,12 @@ class BaselineServerAggregator(ServerAggregator):
         self.full_model = model
         self.cfg = cfg
         self.test_set = test_set
-        self.metrics = metrics
         self.device = device
         self.num_blocks = num_blocks(model)
+        self.clock = RoundClock(metrics)
         self.round = 0
         self._uploads: list[dict] = []
         self._bytes_up = 0
-        self._round_started = time.time()
 
     # FedML hooks -------------------------------------------------------------------------------
     def get_model_params(self):
@@ -88,7 +78,7 @@ class BaselineServerAggregator(ServerAggregator):
         self._end_round()
         return None
 
-    # called by our subclasses of FedML's aggregators (fedml_algorithms.py) --------------------
+    # called by our subclasses of FedML's aggregators (algorithms.py) --------------------------
     def observe_upload(self, result) -> None:
         """Note one client process's upload: its statistics and tensor bytes."""
         uploads = [r["grad"] for r in result] if isinstance(result, list) else [result]  # FedNova sends a list
@@ -100,42 +90,19 @@ class BaselineServerAggregator(ServerAggregator):
     def _end_round(self) -> None:
         """Evaluate the new global model (when due) and write the round's record."""
         tr, v = self.cfg.train_args, self.cfg.validation_args
-        r, total = self.round, tr.comm_round
+        r = self.round
         acc = loss = None
-        if r % v.frequency_of_the_test == 0 or r == total - 1:
+        if r % v.frequency_of_the_test == 0 or r == tr.comm_round - 1:
             acc, loss = evaluate(self.full_model, self.test_set, batch_size=v.eval_batch_size, device=self.device,
                                  bf16=self.cfg.device_args.bf16)
         stats, self._uploads = self._uploads, []
-        now = time.time()
         # Every participant receives the whole trainable set once per round.
         bytes_down = alg.payload_bytes(self.get_model_params()) * tr.client_num_per_round
-        record = {
-            "round": r,
-            "wall_seconds": now - self.metrics.started,
-            "round_seconds": now - self._round_started,
-            "train_loss": _mean(s.get("train_loss") for s in stats),
-            "global_accuracy": acc,
-            "global_loss": loss,
-            "device_accuracy": _mean(s.get("device_accuracy") for s in stats),
-            "bytes_up": self._bytes_up,
-            "bytes_down": bytes_down,
-            "curriculum_share": 1.0,
-            "gal": list(range(self.num_blocks)),
-            "updated_neuron_share": None,
-            "num_devices": len(stats),
-            "devices": sorted(s.get("device_id") for s in stats if s.get("device_id") is not None),
-            "rejected_payloads": 0,
-        }
+        record = round_record(r, stats, devices=sorted(s["device_id"] for s in stats if "device_id" in s),
+                              bytes_up=self._bytes_up, bytes_down=bytes_down, gal=list(range(self.num_blocks)))
+        record.update(global_accuracy=acc, global_loss=loss)
         if any("tau_eff" in s for s in stats):
             record["tau_eff"] = sum(s.get("tau_eff", 0.0) for s in stats)
         self._bytes_up = 0
-        self._round_started = now
         self.round += 1
-        self.metrics.add(record)
-        eta = self.metrics.eta_seconds()
-        log.info("round %d/%d  acc %s  device acc %s  loss %s  up %.2f MB  %.1fs/round  ETA %s",
-                 r + 1, total, "-" if acc is None else f"{acc:.4f}",
-                 "-" if record["device_accuracy"] is None else f"{record['device_accuracy']:.4f}",
-                 "-" if record["train_loss"] is None else f"{record['train_loss']:.4f}",
-                 record["bytes_up"] / 1e6, record["round_seconds"],
-                 "-" if eta is None else time.strftime("%M:%S", time.gmtime(eta)))
+        self.clock.close(record)

@@ -3,11 +3,13 @@
 FedML's FedAVGTrainer / FedProxTrainer / FedOptTrainer call, per round: set_model_params(global)
 -> train(device data) -> get_model_params(); FedNovaTrainer calls train(..., ratio=...) and wants
 (loss, norm_grad, tau_eff) back. Parameters are the trainable tensors only (LoRA + head); the
-frozen backbone never travels. Batches, dropout seeds and per-device RNG continuity are those of
-integration/trainer.py, so FedML-FedAvg trains exactly what our FedAvg-LoRA trains.
+frozen backbone never travels. Batches, dropout seeds, per-device RNG continuity and the device
+evaluation subset come from core/seeds.py, as in our engine's device round, so FedML-FedAvg trains
+exactly what our FedAvg-LoRA trains.
 """
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Callable, Mapping, Optional
 
@@ -15,17 +17,16 @@ import torch
 from fedml.core import ClientTrainer
 from fedml.ml.trainer.fednova_trainer import FedNova, FedNovaModelTrainer
 
-from .. import algorithm as alg
-from ..config import RunConfig
-from ..data import DeviceData, EncodedSet
-from ..integration.fedml_glue import sample_devices
-from ..integration.local import evaluate, make_optimizer, round_lr_scale, train_steps
-from ..integration.state_store import DeviceStateStore
-from ..integration.trainer import derived_seed
-from ..models import head_parameter_names, load_trainable_state, trainable_state_dict
+from ... import algorithm as alg
+from ...config import RunConfig
+from ...core.local import evaluate, make_optimizer, round_lr_scale, train_steps
+from ...core.seeds import device_eval_subset, device_generator, sample_devices, seed_dropout
+from ...core.state_store import DeviceStateStore
+from ...data import DeviceData, EncodedSet
+from ...models import head_parameter_names, load_trainable_state, trainable_state_dict
 
 
-class Upload(OrderedDict):
+class BaselineUpload(OrderedDict):
     """Uploaded tensors (what FedML averages) plus the device's round statistics as an attribute.
 
     FedML's aggregators treat every key as a tensor to average, so the statistics (loss, device
@@ -35,13 +36,6 @@ class Upload(OrderedDict):
     def __init__(self, tensors: Mapping[str, torch.Tensor] = (), stats: Optional[dict] = None):
         super().__init__(tensors)
         self.stats = dict(stats or {})
-
-
-def device_eval_subset(test: EncodedSet, n: int, seed: int) -> EncodedSet:
-    """The seeded global-test subsample every device is evaluated on (as integration/trainer.py)."""
-    n = min(len(test), n)
-    g = torch.Generator().manual_seed(derived_seed(seed, "device_eval"))
-    return test.subset(torch.randperm(len(test), generator=g)[:n].sort().values)
 
 
 def proximal_term(params: Mapping[str, torch.nn.Parameter], anchor: Mapping[str, torch.Tensor],
@@ -64,7 +58,7 @@ class BaselineClientTrainer(ClientTrainer):
         n_eval = cfg.validation_args.device_eval_samples
         self.eval_set = device_eval_subset(test_set, n_eval, cfg.common_args.random_seed) if n_eval > 0 else None
         self.global_params: Optional[dict[str, torch.Tensor]] = None
-        self.upload: Optional[Upload] = None
+        self.upload: Optional[BaselineUpload] = None
         self.head_names = head_parameter_names(model)
 
     # FedML hooks -------------------------------------------------------------------------------
@@ -89,7 +83,7 @@ class BaselineClientTrainer(ClientTrainer):
         stats = self.local_round(train_data, device, round_idx,
                                  lambda: make_optimizer(self.model, tr.client_optimizer, lr, tr.weight_decay,
                                                         head_lr=head_lr, head_names=self.head_names), extra)
-        self.upload = Upload({k: v.cpu() for k, v in trainable_state_dict(self.model).items()}, stats)
+        self.upload = BaselineUpload({k: v.cpu() for k, v in trainable_state_dict(self.model).items()}, stats)
 
     def test(self, test_data, device, args):
         return None
@@ -108,12 +102,9 @@ class BaselineClientTrainer(ClientTrainer):
         cfg, tr = self.cfg, self.cfg.train_args
         seed = cfg.common_args.random_seed
         state = self.store.load(train_data.device_id)
-        generator = torch.Generator()
-        if "rng" in state:
-            generator.set_state(state["rng"])
-        else:
-            generator.manual_seed(derived_seed(seed, "device", train_data.device_id))
-        torch.manual_seed(derived_seed(seed, "dropout", train_data.device_id, round_idx))
+        generator = device_generator(state, seed, train_data.device_id)
+        seed_dropout(seed, train_data.device_id, round_idx)
+        t0 = time.perf_counter()
         batches = alg.local_batches(len(train_data), batch_size=tr.batch_size, num_steps=tr.local_steps,
                                     generator=generator)
         self.optimizer = make_opt()
@@ -122,12 +113,15 @@ class BaselineClientTrainer(ClientTrainer):
         state["rng"] = generator.get_state()
         state["participations"] = state.get("participations", 0) + 1
         self.store.save(train_data.device_id, state)
+        train_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
         device_acc = None
         if self.eval_set is not None:
             device_acc, _ = evaluate(self.model, self.eval_set, batch_size=cfg.validation_args.eval_batch_size,
                                      device=device, bf16=cfg.device_args.bf16)
         return {"device_id": train_data.device_id, "train_loss": loss, "device_accuracy": device_acc,
-                "num_samples": len(train_data)}
+                "num_samples": len(train_data), "train_seconds": train_seconds,
+                "eval_seconds": time.perf_counter() - t0}
 
 
 class FedNovaClientTrainer(BaselineClientTrainer, FedNovaModelTrainer):
@@ -171,5 +165,5 @@ class FedNovaClientTrainer(BaselineClientTrainer, FedNovaModelTrainer):
         norm_grad = self.get_local_norm_grad(self.optimizer, cur, init)
         tau_eff = self.get_local_tau_eff(self.optimizer)
         stats.update(tau_eff=float(tau_eff), participant_share=ratio)
-        self.upload = Upload({k: v.cpu() for k, v in norm_grad.items()}, stats)
+        self.upload = BaselineUpload({k: v.cpu() for k, v in norm_grad.items()}, stats)
         return stats["train_loss"], self.upload, tau_eff
