@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,11 @@ def _fingerprint(table: TextTable, tokenizer: Any, max_length: int) -> str:
     h = hashlib.sha256(f"v{CACHE_VERSION}:{int(max_length)}:{type(tokenizer).__name__}".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # a fast tokenizer: its full JSON (vocab, normalizer, post-processor)
-        h.update(backend.to_str().encode())
+        spec = json.loads(backend.to_str())
+        # A call sets these on the backend; the encoding's own padding/truncation is fixed by max_length.
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        h.update(json.dumps(spec, sort_keys=True).encode())
     else:
         h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr((tokenizer.pad_token, tokenizer.padding_side, tokenizer.truncation_side)).encode())
