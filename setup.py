@@ -27,6 +27,9 @@ INSTALL_REQUIRES = [
     # The GRPC backend (cross-silo across hosts): fedml 0.9.6 imports grpc for it but does not
     # install it.
     "grpcio>=1.50",
+    # Our GRPC wire: tensors as safetensors (no pickle), mutual TLS certificates (make_certs.py).
+    "safetensors>=0.4",
+    "cryptography>=42",
     "matplotlib>=3.7",
     "tqdm>=4.60",
     "pyyaml>=6.0",

@@ -13,12 +13,17 @@ except ImportError:  # not POSIX: no inter-process lock
     fcntl = None
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Call `write` on a temp file beside `path`, fsync it, then rename it over `path`."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], mode: int | None = None) -> None:
+    """Call `write` on a temp file beside `path`, fsync it, then rename it over `path`.
+
+    The temp file is created 0600 (mkstemp); `mode` sets other permissions before anything is written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -29,9 +34,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_text(path: str | os.PathLike, text: str, mode: int | None = None) -> None:
     """Write UTF-8 text atomically."""
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")), mode=mode)
 
 
 @contextlib.contextmanager

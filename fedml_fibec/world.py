@@ -85,6 +85,15 @@ def grpc_world(cfg: RunConfig, rank: Optional[int], world: MpiWorld) -> GrpcWorl
     if not 0 <= rank <= n:
         raise ConfigError(f"--rank {rank}: expected 0 (server) to {n} (client_num_per_round = {n} silos)")
     read_ipconfig(cfg.comm_args.grpc_ipconfig_path, num_silos=n)
+    c = cfg.comm_args
+    if c.insecure:
+        logging.getLogger("fedml_fibec").warning(
+            "comm_args.insecure = true: plaintext GRPC without certificates. Anyone who can reach these ports "
+            "can read every update and send messages in any rank's name. Use it on loopback only.")
+    else:  # the files must be right before any work: CA-signed, valid now, naming this rank, key 0600
+        from .engines.cross_silo.certs import load_identity
+
+        load_identity(c.tls_ca_cert, c.tls_cert, c.tls_key, rank)
     return GrpcWorld(rank, n + 1)
 
 

@@ -39,13 +39,18 @@ print(base)
 PYEOF
 )
 $PY run_scripts/make_ipconfig.py --local "$N" --base-port "$BASE" > "$OUT/ipconfig.csv" || exit 2
+# Mutual TLS, as across hosts: a CA and one certificate per rank (an explicit --set insecure=true
+# after the other arguments turns it off, for a plaintext try).
+$PY run_scripts/make_certs.py --local "$N" --out "$OUT/certs" 2>/dev/null || exit 2
 MIN=$(( (N * 6 + 9) / 10 ))  # go on while 60% of the silos answer (override with --set min_silos_per_round=K)
-COMMON=(--cf "$CF" --set "grpc_ipconfig_path=$OUT/ipconfig.csv" --set "client_num_in_total=$N"
+COMMON=(--cf "$CF" --set "grpc_ipconfig_path=$OUT/ipconfig.csv" --set "tls_ca_cert=$OUT/certs/ca.crt"
+        --set "tls_cert=$OUT/certs/rank{rank}.crt" --set "tls_key=$OUT/certs/rank{rank}.key"
+        --set "client_num_in_total=$N"
         --set "client_num_per_round=$N" --set "min_silos_per_round=$MIN" "${ARGS[@]}")
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done; }
 trap 'cleanup; exit 130' INT TERM
-echo "cross-silo on 127.0.0.1: server :$BASE, silos :$((BASE + 1))-:$((BASE + N)); results in $OUT"
+echo "cross-silo on 127.0.0.1 (mutual TLS, certificates in $OUT/certs): server :$BASE, silos :$((BASE + 1))-:$((BASE + N)); results in $OUT"
 $PY run_scripts/run_fibec.py "${COMMON[@]}" --rank 0 --out "$OUT" &
 SERVER=$!
 PIDS+=("$SERVER")

@@ -80,3 +80,15 @@ def test_bench_round_analyze_synthetic(tmp_path):
     summary = records[-1]
     assert summary["what"] == "summary" and summary["rounds_in_median"] == [1]
     assert summary["peak_rss_bytes_per_rank"] == {"1": 123}
+
+
+def test_bench_wire_quick():
+    records = run_json(str(BENCH / "bench_wire.py"), "--quick", "--models", "tiny-bert", "--repeats", "1")
+    ser = {r["message"]: r for r in records if r["case"] == "serialize"}
+    assert set(ser) == {"down", "up"}
+    for r in ser.values():  # the codec's frame is within a few hundred bytes of the tensors themselves
+        assert r["tensor_bytes"] < r["codec_bytes"] < r["tensor_bytes"] + 2048
+    sends = [r for r in records if r["case"] == "send"]
+    assert len(sends) == 2 and all({"plain_pickled", "tls_codec", "plain_codec"} <= set(r) for r in sends)
+    per_round = next(r for r in records if r["case"] == "per_round")
+    assert per_round["bytes_per_round_codec"] == 10 * (ser["down"]["codec_bytes"] + ser["up"]["codec_bytes"])

@@ -83,6 +83,14 @@ def test_grpc_config_combinations(tmp_path):
         load_config(None, ["round_timeout_s=5"])
     with pytest.raises(ConfigError, match="grpc_ipconfig_path = 'nope.csv': expected an existing ipconfig CSV"):
         load_config(None, ["backend=GRPC", "client_num_in_total=10", "grpc_ipconfig_path=nope.csv"])
+    two = grpc + ["client_num_per_round=2", "client_num_in_total=2"]
+    with pytest.raises(ConfigError, match="tls_ca_cert = None: expected a PEM file path when backend=GRPC"):
+        load_config(None, two)
+    assert load_config(None, two + ["insecure=true"]).comm_args.insecure
+    with pytest.raises(ConfigError, match="tls_cert = 'c.crt': expected null with backend=MPI"):
+        load_config(None, ["tls_cert=c.crt"])
+    with pytest.raises(ConfigError, match="insecure = True: expected false with backend=MPI"):
+        load_config(None, ["insecure=true"])
     cfg = load_config(ROOT / "config" / "cross_silo.yaml", [f"grpc_ipconfig_path={ip}"])
     assert cfg.train_args.client_num_in_total == cfg.train_args.client_num_per_round == 10
     # The shipped loopback address file is what make_ipconfig.py --local 10 writes.
@@ -96,7 +104,10 @@ def test_grpc_rank_is_required_and_checked(tmp_path, tiny_assets):
     overrides = _tiny(model_dir, csv, ip, 2, 1)
     short = ip.with_name("short.csv")
     short.write_text(to_csv(loopback(1)))
+    certs = Path(tls_overrides()[0].split("=", 1)[1]).parent
+    wrong_cert = [f"tls_cert={certs}/rank1.crt", f"tls_key={certs}/rank1.key"]
     for sets, extra, message in ((overrides, ["--rank", "3"], "--rank 3: expected 0 (server) to 2"),
+                                 (overrides + wrong_cert, ["--rank", "2"], "names rank 1 (common name"),
                                  (overrides, [], "--rank R"),
                                  (overrides + [f"grpc_ipconfig_path={short}"], ["--rank", "0"], "no row for rank(s) [2]")):
         cmd = [sys.executable, str(RUN)] + sum((["--set", o] for o in sets), []) + extra
@@ -125,10 +136,30 @@ def test_repeated_exchange_starts_from_the_device_state_before_it(tmp_path):
 
 
 # process helpers ----------------------------------------------------------------------------------
+_CERTS: list[Path] = []
+
+
+def tls_overrides() -> list[str]:
+    """Mutual TLS for up to 4 ranks (made once per test session by run_scripts/make_certs.py).
+
+    A certificate's rank name, not its address, is what a peer checks, so one set serves the
+    loopback tests and the network-namespace hosts alike.
+    """
+    if not _CERTS:
+        import tempfile
+        out = Path(tempfile.mkdtemp(prefix="fibec-certs-")) / "certs"
+        proc = subprocess.run([sys.executable, str(ROOT / "run_scripts" / "make_certs.py"), "--local", "3",
+                               "--out", str(out)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        _CERTS.append(out)
+    d = _CERTS[0]
+    return [f"tls_ca_cert={d}/ca.crt", f"tls_cert={d}/rank{{rank}}.crt", f"tls_key={d}/rank{{rank}}.key"]
+
+
 def _tiny(model_dir, csv, ipconfig, silos: int, rounds: int, *extra: str) -> list[str]:
-    return TINY + [f"model={model_dir}", f"train_file={csv}", f"grpc_ipconfig_path={ipconfig}",
-                   f"client_num_in_total={silos}", f"client_num_per_round={silos}", f"comm_round={rounds}",
-                   *extra]
+    return TINY + tls_overrides() + [f"model={model_dir}", f"train_file={csv}", f"grpc_ipconfig_path={ipconfig}",
+                                     f"client_num_in_total={silos}", f"client_num_per_round={silos}",
+                                     f"comm_round={rounds}", *extra]
 
 
 def _free_base_port(n: int) -> int:
@@ -280,7 +311,8 @@ def test_server_and_two_silos_on_separate_hosts(tmp_path, tiny_assets, three_hos
     assert summary["rounds"] == 3 and summary["backend"] == "GRPC"
     # The messages really came from the silos' own addresses, over the veth links.
     log = (out[0] / "logs" / "rank0.log").read_text()
-    assert "from ip address 10.213.1.2" in log and "from ip address 10.213.2.2" in log
+    assert "from rank 1 at ipv4:10.213.1.2:" in log and "from rank 2 at ipv4:10.213.2.2:" in log
+    assert "mutual TLS" in log and summary["tls"] is True
     rx = 0
     for r in (1, 2):
         stats = json.loads(_sh("ip", "-n", names["server"], "-s", "-j", "link", "show", "dev", f"vs{r}{tag}"))

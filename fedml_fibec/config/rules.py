@@ -97,11 +97,20 @@ def _check_backend(cfg: RunConfig) -> None:
                  c.grpc_ipconfig_path, "an existing ipconfig CSV when backend=GRPC (make one with "
                  "run_scripts/make_ipconfig.py)", s)
         _check_cross_silo(cfg)
+        if not c.insecure:
+            for key in ("tls_ca_cert", "tls_cert", "tls_key"):
+                _require(getattr(c, key) is not None, key, None,
+                         "a PEM file path when backend=GRPC (mutual TLS; make the files with "
+                         "run_scripts/make_certs.py), or set insecure: true for a plaintext loopback try", s)
     else:
         for key in ("round_timeout_s", "min_silos_per_round"):
             _require(getattr(c, key) is None, key, getattr(c, key),
                      "null with backend=MPI (under mpirun a lost rank ends the whole job; the round timeout "
                      "is for backend=GRPC)", s)
+        for key in ("tls_ca_cert", "tls_cert", "tls_key"):
+            _require(getattr(c, key) is None, key, getattr(c, key),
+                     "null with backend=MPI (TLS is for backend=GRPC; MPI relies on the cluster's network)", s)
+        _require(not c.insecure, "insecure", c.insecure, "false with backend=MPI (it is a GRPC setting)", s)
 
 
 def _check_cross_silo(cfg: RunConfig) -> None:

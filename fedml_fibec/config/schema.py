@@ -144,6 +144,16 @@ class CommArgs:
     connect_timeout_s: float = option(120.0, "GRPC: seconds a process keeps retrying to reach a peer that is not "
                                       "(yet) listening, e.g. a silo started before the server.",
                                       check=positive("a positive number of seconds"))
+    tls_ca_cert: Optional[str] = option(None, "GRPC: the federation CA's certificate (PEM) every process trusts "
+                                        "(run_scripts/make_certs.py makes it). `{rank}` in this and the next two "
+                                        "paths is replaced by the process's rank.")
+    tls_cert: Optional[str] = option(None, "GRPC: this process's certificate (PEM), signed by the CA and naming its "
+                                     "rank, e.g. certs/rank{rank}.crt.")
+    tls_key: Optional[str] = option(None, "GRPC: this process's private key (PEM, mode 0600), e.g. "
+                                    "certs/rank{rank}.key.")
+    insecure: bool = option(False, "GRPC: plaintext without certificates: anyone who can reach a port can read, "
+                            "forge and inject messages in any rank's name. For loopback tries only; false = mutual "
+                            "TLS with tls_ca_cert, tls_cert and tls_key.")
 
 
 @dataclass

@@ -28,11 +28,20 @@ class FibecServerAggregator(ServerAggregator):
         self.clock = RoundClock(metrics)
         self.receivers: Optional[int] = None  # devices the current exchange went to (None = all)
         self.transport: dict = {}  # transport facts of the current exchange for its record (GRPC)
+        self._transport_carry: dict = {}  # counts of the scoring exchange, for round 0's record
         self._record: Optional[dict] = None
 
     def note_exchange(self, receivers: Optional[int] = None, **transport) -> None:
         """What the engine knows of the exchange being completed: who got it, and wire-level facts."""
         self.receivers, self.transport = receivers, dict(transport)
+
+    def _carried(self) -> dict:
+        """This exchange's transport facts, with the counts of an exchange that had no record added."""
+        facts = dict(self.transport)
+        for k, v in self._transport_carry.items():
+            if isinstance(v, int) and isinstance(facts.get(k), int):
+                facts[k] += v
+        return facts
 
     # FedML hooks -------------------------------------------------------------------------------
     def get_model_params(self):
@@ -44,8 +53,11 @@ class FibecServerAggregator(ServerAggregator):
     def aggregate(self, raw_client_model_or_grad_list):
         uploads = [Upload.from_fedml(payload) for _, payload in raw_client_model_or_grad_list]
         record = self.server_round.aggregate(uploads, receivers=self.receivers)
-        if record is not None:
-            record.update(self.transport)
+        if record is None:  # the scoring exchange: its wire counts go into round 0, as its tensor bytes do
+            self._transport_carry = self._carried()
+        else:
+            record.update(self._carried())
+            self._transport_carry = {}
         self._record = record
         return self.server_round.download().to_fedml()
 

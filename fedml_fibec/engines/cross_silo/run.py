@@ -20,7 +20,11 @@ from ...errors import ConfigError
 from ...fedml_glue import mpi_transport
 from ...fedml_glue.args import fedml_arguments
 from ...metrics import MetricsLog
-from . import checkpoint, grpc_transport
+from ...core.messages import WIRE_DTYPES
+from ...models.blocks import num_blocks
+from ...models.lora import trainable_state_dict
+from . import checkpoint, codec, grpc_transport
+from .certs import load_identity
 from .aggregator import FibecServerAggregator
 from .client_manager import FibecClientManager
 from .faults import FaultPlan
@@ -39,6 +43,15 @@ def silo_dataset(dataset: list, silo_index: Optional[int]) -> list:
             {i: local[i] for i in keep}, {i: test_local[i] for i in keep}, dataset[7]]
 
 
+def wire_settings(cfg: RunConfig, rank: int, model) -> grpc_transport.WireSettings:
+    """What this process's GRPC transport accepts: the model's shareable tensors, their size, its TLS identity."""
+    shapes = {k: tuple(v.shape) for k, v in trainable_state_dict(model).items()}
+    spec = codec.TensorSpec(shapes, WIRE_DTYPES[cfg.comm_args.payload_dtype], num_blocks(model))
+    c = cfg.comm_args
+    identity = None if c.insecure else load_identity(c.tls_ca_cert, c.tls_cert, c.tls_key, rank)
+    return grpc_transport.WireSettings(spec, grpc_transport.WireSettings.limit_for(spec), identity)
+
+
 def run_cross_silo(cfg: RunConfig, out_dir: Path, world, model, fed_data: FederatedData, store: DeviceStateStore,
                    resume: bool = False) -> Optional[dict]:
     """Run this rank of our engine; the server returns the run summary."""
@@ -46,7 +59,7 @@ def run_cross_silo(cfg: RunConfig, out_dir: Path, world, model, fed_data: Federa
 
     rank, grpc = world.rank, cfg.comm_args.backend == "GRPC"
     if grpc:
-        grpc_transport.install()
+        grpc_transport.install(wire_settings(cfg, rank, model))
     else:
         mpi_transport.install()
     dataset = to_fedml_dataset(fed_data)
@@ -97,7 +110,8 @@ def run_cross_silo(cfg: RunConfig, out_dir: Path, world, model, fed_data: Federa
     extra = {"gal": aggregator.server_round.gal, "out_dir": str(out_dir), "world_size": world.size,
              "worker_num": cfg.worker_num, "first_exchange_at": manager.first_exchange_at}
     if grpc:
-        extra.update(backend="GRPC", wire_bytes_sent=manager.com_manager.bytes_sent,
-                     wire_bytes_received=manager.com_manager.bytes_received,
+        cm = manager.com_manager
+        extra.update(backend="GRPC", tls=cm.settings.identity is not None, wire_bytes_sent=cm.bytes_sent,
+                     wire_bytes_received=cm.bytes_received, wire_messages_rejected=cm.rejected_messages,
                      silos_active_at_end=manager.active)
     return metrics.write_summary(cfg.to_sections(), extra)

@@ -73,7 +73,7 @@ class FibecServerManager(FedMLServerManager):
         self._token = 0
         self._timer: Optional[threading.Timer] = None
         self._sent_any: set[int] = set()
-        self._wire = (0, 0)
+        self._wire = (0, 0, 0)  # transport counters at the last completed exchange
         self.first_exchange_at: Optional[float] = None  # unix time the first exchange was sent (start-up ends)
         if self.grpc:
             # The server does not wait long for one silo: the round timeout covers missing ones.
@@ -150,6 +150,8 @@ class FibecServerManager(FedMLServerManager):
         self.client_id_list_in_this_round = clients
         self.data_silo_index_list = [device_list_arg(run) for run in runs]
         self.tag = [int(message["round"]), str(message["phase"])]
+        if self.grpc:  # uploads may carry only tensors this exchange sent (the GAL's), checked on arrival
+            self.com_manager.expect_uploads(message["tensors"])
         self.received, self.expected = {}, {}
         for cid, run in zip(clients, runs):
             send = self.send_message_sync_model_to_client if cid in self._sent_any else self.send_message_init_config
@@ -211,10 +213,12 @@ class FibecServerManager(FedMLServerManager):
         model_list = [(u["num_samples"], u) for cid in order for u in self.received[cid]]
         transport = {}
         if self.grpc:
-            sent, received = self.com_manager.bytes_sent, self.com_manager.bytes_received
+            cm = self.com_manager
+            sent, received, rejected = cm.bytes_sent, cm.bytes_received, cm.rejected_messages
             transport = {"wire_bytes_down": sent - self._wire[0], "wire_bytes_up": received - self._wire[1],
+                         "wire_rejected": rejected - self._wire[2],
                          "silos_dropped": [cid for cid in self.client_real_ids if cid not in self.active]}
-            self._wire = (sent, received)
+            self._wire = (sent, received, rejected)
         self.inner.note_exchange(receivers=sum(len(run) for run in self.expected.values()), **transport)
         model_list, _ = self.inner.on_before_aggregation(model_list)
         averaged = self.inner.aggregate(model_list)
