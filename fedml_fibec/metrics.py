@@ -74,12 +74,22 @@ class MetricsLog:
             "final_accuracy": accs[-1] if accs else None,
             "best_accuracy": max(accs) if accs else None,
             "final_device_accuracy": dev[-1] if dev else None,
+            **self._validation_summary(),
             "total_bytes_up": sum(r.get("bytes_up", 0) for r in self.records),
             "total_bytes_down": sum(r.get("bytes_down", 0) for r in self.records),
             "wall_seconds": time.time() - self.started,
             **(extra or {}),
             "config": config_sections,
         })
+
+    def _validation_summary(self) -> dict[str, Any]:
+        """Validation accuracy (runs with a validation split): final, best, and the mean of the last three
+        evaluated rounds, the score settings are chosen by."""
+        vals = [r["val_accuracy"] for r in self.records if r.get("val_accuracy") is not None]
+        if not vals:
+            return {}
+        return {"final_val_accuracy": vals[-1], "best_val_accuracy": max(vals),
+                "val_accuracy_last3": sum(vals[-3:]) / len(vals[-3:])}
 
     def write_summary(self, config_sections: dict, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write summary.json atomically and return it."""

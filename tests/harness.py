@@ -46,6 +46,7 @@ class Federation:
     records: list[dict]  # one per training round, evaluated
     last_uploads: list[Upload]  # the last exchange's uploads, in device order
     store: DeviceStateStore
+    data: object  # the run's FederatedData
 
 
 def run_federation(cfg: RunConfig, out_dir: Path, num_processes: int | None = None, assign=None) -> Federation:
@@ -57,7 +58,7 @@ def run_federation(cfg: RunConfig, out_dir: Path, num_processes: int | None = No
     server_model, tok = build_model(cfg)
     t = cfg.train_args
     fd = build_data(cfg, tok)
-    server = ServerRound(server_model, cfg, fd.test, CPU)
+    server = ServerRound(server_model, cfg, fd.test, CPU, fd.validation)
     store = DeviceStateStore(out_dir / "device_state")
     processes = [DeviceRound(build_model(cfg)[0], cfg) for _ in range(num_processes)]
     n_eval = cfg.validation_args.device_eval_samples
@@ -78,4 +79,4 @@ def run_federation(cfg: RunConfig, out_dir: Path, num_processes: int | None = No
         record = server.aggregate(uploads)
         if record is not None:
             records.append(server.evaluate_if_due(record))
-    return Federation(server, records, uploads, store)
+    return Federation(server, records, uploads, store, fd)

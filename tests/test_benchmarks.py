@@ -86,8 +86,8 @@ def test_bench_wire_quick():
     records = run_json(str(BENCH / "bench_wire.py"), "--quick", "--models", "tiny-bert", "--repeats", "1")
     ser = {r["message"]: r for r in records if r["case"] == "serialize"}
     assert set(ser) == {"down", "up"}
-    for r in ser.values():  # the codec's frame is within a few hundred bytes of the tensors themselves
-        assert r["tensor_bytes"] < r["codec_bytes"] < r["tensor_bytes"] + 2048
+    for r in ser.values():  # the codec's frame around the tensors is smaller than the pickled message
+        assert r["tensor_bytes"] < r["codec_bytes"] < r["pickle_bytes"]
     sends = [r for r in records if r["case"] == "send"]
     assert len(sends) == 2 and all({"plain_pickled", "tls_codec", "plain_codec"} <= set(r) for r in sends)
     per_round = next(r for r in records if r["case"] == "per_round")

@@ -105,8 +105,8 @@ def test_bad_files_name_the_file_and_key(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="unknown section 'train_arg'.*train_args"):
         load_config(write(tmp_path, {"train_arg": {"comm_round": 1}}))
-    with pytest.raises(ConfigError, match="unknown key 'train_args.epochs'"):
-        load_config(write(tmp_path, {"train_args": {"epochs": 1}}))
+    with pytest.raises(ConfigError, match="unknown key 'train_args.local_epochs'"):
+        load_config(write(tmp_path, {"train_args": {"local_epochs": 1}}))
     with pytest.raises(ConfigError, match="rank must not be set"):
         load_config(write(tmp_path, {"common_args": {"rank": 1}}))
     path = tmp_path / "broken.yaml"

@@ -97,3 +97,17 @@ def test_stratified_order_keeps_label_shares_and_easiest_within_class():
     for c in (0, 1):
         in_class = [i for i in order.tolist() if labels[i] == c]
         assert in_class == sorted(in_class, key=lambda i: scores[i].item())
+
+
+def test_local_step_count():
+    from fedml_fibec.algorithm.curriculum import local_step_count
+
+    assert local_step_count(96, batch_size=16, epochs=None, max_steps=8) == 8  # fixed local work
+    assert local_step_count(96, batch_size=16, epochs=1, max_steps=None) == 6
+    assert local_step_count(20, batch_size=16, epochs=1, max_steps=None) == 2  # 20 samples: 16 + 4 -> 2 steps
+    assert local_step_count(10, batch_size=16, epochs=1, max_steps=None) == 1  # batch shrinks to n_use
+    assert local_step_count(96, batch_size=16, epochs=2.5, max_steps=None) == 15
+    assert local_step_count(96, batch_size=16, epochs=2, max_steps=8) == 8  # capped
+    import pytest
+    with pytest.raises(ValueError):
+        local_step_count(96, batch_size=16, epochs=None, max_steps=None)

@@ -145,6 +145,23 @@ def test_builtin_mr_from_fake_asset(tmp_path, monkeypatch):
         load_builtin("sst9")
 
 
+def test_builtin_stackoverflow_from_fake_asset(tmp_path, monkeypatch):
+    """train + dev become train, test stays test; quoted fields with tabs and newlines are one row each."""
+    folder = tmp_path / "origin_data"
+    folder.mkdir()
+    (folder / "train.tsv").write_text('text\tlabel\nHQL count question\thibernate\n"tab\there and a\nnewline"\tbash\n')
+    (folder / "dev.tsv").write_text("text\tlabel\nqt signals\tqt\n   \tqt\n")  # a blank text is dropped
+    (folder / "test.tsv").write_text("text\tlabel\nbash loop\tbash\n")
+    monkeypatch.setattr(assets, "asset_path", lambda name, cache_dir=None, *, download=True: folder)
+    tr, te = load_builtin("stackoverflow")
+    assert tr.label_names == ["bash", "hibernate", "qt"]  # alphabetical
+    assert tr.texts == ["HQL count question", "tab\there and a\nnewline", "qt signals"] and tr.labels == [1, 0, 2]
+    assert te.texts == ["bash loop"] and te.labels == [0]
+    (folder / "test.tsv").write_text("text\tlabel\nsomething\tcobol\n")
+    with pytest.raises(DataError, match="labels \\['cobol'\\] do not occur in train/dev"):
+        load_builtin("stackoverflow")
+
+
 def test_load_hub_local_dirs_and_error_wrapping(tmp_path, monkeypatch):
     import datasets
 
@@ -334,6 +351,42 @@ def test_build_federated_data_and_fedml_list(tmp_path):
     assert all(torch.equal(a.data.input_ids, b.data.input_ids) for a, b in zip(fd.train, again.train))
     small = _fd(tmp_path, max_train_samples=80, num_devices=4, partition_method="iid")
     assert small.train_num == 80 and len(small.test) == 60  # the test set does not shrink
+
+
+def _unique_rows(tmp_path, n: int = 300) -> str:
+    """n texts with distinct token sequences (index i written in WORDS as digits), 3 classes (i mod 3)."""
+    from tiny import WORDS
+
+    def text(i: int) -> str:
+        return " ".join(WORDS[(i // len(WORDS) ** k) % len(WORDS)] for k in range(3))
+    df = pd.DataFrame({"text": [text(i) for i in range(n)], "label": [i % 3 for i in range(n)]})
+    return _write(df, tmp_path / "unique.jsonl")
+
+
+def _rows(encoded) -> list[tuple]:
+    return [tuple(r.tolist()) for r in encoded.input_ids]
+
+
+def test_validation_split_is_held_out_of_train_test_and_every_device(tmp_path):
+    path = _unique_rows(tmp_path)
+    fd = _fd(tmp_path, train_file=path, validation_fraction=0.2, test_fraction=0.2, min_samples_per_device=3)
+    val, test = _rows(fd.validation), _rows(fd.test)
+    devices = [set(_rows(d.data)) for d in fd.train]
+    assert len(set(val)) == len(val) == 48  # round(0.2 * 80) per class, from the 240 left after the test split
+    assert not set(val) & set(test)
+    assert all(not set(val) & dev for dev in devices)
+    assert len(set().union(*devices)) + len(val) + len(test) == 300  # every row somewhere, once
+    assert torch.bincount(fd.validation.labels, minlength=3).tolist() == [16, 16, 16]  # stratified
+    assert fd.stats()["validation_num"] == 48
+    # seeded: the same set again; another seed another set; the test set does not move
+    assert _rows(_fd(tmp_path, train_file=path, validation_fraction=0.2, test_fraction=0.2,
+                     min_samples_per_device=3).validation) == val
+    other = _fd(tmp_path, train_file=path, validation_fraction=0.2, test_fraction=0.2, min_samples_per_device=3,
+                seed=1)
+    assert set(_rows(other.validation)) != set(val)
+    # no validation split: nothing held out, the devices' data as before
+    plain = _fd(tmp_path, train_file=path, test_fraction=0.2, min_samples_per_device=3)
+    assert plain.validation is None and plain.train_num == 240 and _rows(plain.test) == test
 
 
 def test_build_federated_data_config_errors(tmp_path):

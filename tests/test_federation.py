@@ -104,3 +104,60 @@ def test_lora_fl_baselines_share_the_right_tensors(tiny_assets, tmp_path):
     sa = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedSA-LoRA"), tmp_path / "b")
     up = sa.last_uploads[0].tensors
     assert any(".lora_A." in k for k in up) and not any(".lora_B." in k for k in up)
+
+
+def test_validation_accuracy_is_the_global_model_on_the_held_out_set(tiny_assets, tmp_path):
+    """With a validation split the server also scores the global model on it; the test score is unchanged."""
+    from fedml_fibec.core.local import evaluate
+    from fedml_fibec.models import load_trainable_state
+
+    model_dir, csv = tiny_assets
+    fed = run_federation(tiny_config(model_dir, csv, "validation_fraction=0.25", "frequency_of_the_test=2"),
+                         tmp_path / "v")
+    assert [r["val_accuracy"] is not None for r in fed.records] == [True, False, True]  # rounds 0, 2 (last)
+    model = fed.server.model
+    load_trainable_state(model, fed.server.global_tensors)
+    acc, loss = evaluate(model, fed.data.validation, batch_size=32, device=torch.device("cpu"))
+    assert (fed.records[-1]["val_accuracy"], fed.records[-1]["val_loss"]) == (acc, loss)
+    test_acc, _ = evaluate(model, fed.data.test, batch_size=32, device=torch.device("cpu"))
+    assert fed.records[-1]["global_accuracy"] == test_acc
+    plain = run_federation(tiny_config(model_dir, csv), tmp_path / "p")
+    assert "val_accuracy" not in plain.records[-1] and plain.data.validation is None
+
+
+def test_epoch_based_local_work_follows_the_curriculum_share(tiny_assets, tmp_path):
+    """epochs=1: each device makes ceil(n_use / batch) steps over the n_use samples of its share."""
+    import math
+
+    model_dir, csv = tiny_assets
+    fed = run_federation(tiny_config(model_dir, csv, "epochs=1", "local_steps=null", "g0=0.25", "T_c=10",
+                                     "comm_round=2"),
+                         tmp_path / "f")
+    dense = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg", "epochs=1", "local_steps=null",
+                                       "comm_round=2"), tmp_path / "d")
+    b = 8  # tiny_config's batch_size
+    for up, ref in zip(fed.last_uploads, dense.last_uploads):
+        assert up.device_id == ref.device_id
+        n_total, n_use = ref.num_samples, up.num_samples
+        assert n_use < n_total and up.stats["curriculum_share"] == n_use / n_total
+        assert up.stats["local_steps"] == math.ceil(n_use / min(b, n_use))
+        assert up.stats["samples_seen"] == up.stats["local_steps"] * min(b, n_use)  # one pass, whole batches
+        assert ref.stats["local_steps"] == math.ceil(n_total / b)  # FedAvg-LoRA: a full pass
+    share = sum(u.num_samples for u in fed.last_uploads) / sum(u.num_samples for u in dense.last_uploads)
+    seen = sum(u.stats["samples_seen"] for u in fed.last_uploads) / sum(u.stats["samples_seen"]
+                                                                         for u in dense.last_uploads)
+    assert abs(seen - share) < 0.15  # work scales with the share (rounding to whole batches aside)
+    capped = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg", "epochs=1", "local_steps=2",
+                                        "comm_round=1"), tmp_path / "c")
+    assert all(u.stats["local_steps"] == 2 for u in capped.last_uploads)  # local_steps caps epochs
+
+
+def test_reduction_to_fedavg_lora_holds_with_epoch_based_work(tiny_assets, tmp_path):
+    model_dir, csv = tiny_assets
+    work = ("epochs=1", "local_steps=null")
+    fedavg = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg", *work), tmp_path / "a")
+    fibec = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FibecFed", "g0=1", "gal_ratio=1",
+                                       "rho=1", *work), tmp_path / "b")
+    a, b = globals_of(fedavg), globals_of(fibec)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)

@@ -23,7 +23,6 @@ import pytest
 import torch
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from safetensors.torch import save as save_safetensors
 
 from fedml_fibec.engines.cross_silo import certs, codec
 from fedml_fibec.engines.cross_silo.ipconfig import loopback, to_csv

@@ -67,6 +67,17 @@ def curriculum_batches(
     return list(draws.view(num_steps, size).unbind(0)) if num_steps else []
 
 
+def local_step_count(n_use: int, *, batch_size: int, epochs: float | None, max_steps: int | None) -> int:
+    """Optimizer steps of one local round: `epochs` passes over the n_use samples the device uses
+    (at least one step), capped by max_steps; without epochs, max_steps itself (fixed local work)."""
+    if epochs is None:
+        if max_steps is None:
+            raise ValueError("local work needs epochs or a number of steps")
+        return int(max_steps)
+    steps = max(1, _ceil(epochs * n_use / min(batch_size, n_use)))
+    return steps if max_steps is None else min(steps, int(max_steps))
+
+
 def local_batches(n_total: int, *, batch_size: int, num_steps: int, generator: torch.Generator) -> list[Tensor]:
     """The plain (no curriculum) draw: the curriculum draw over all samples."""
     return curriculum_batches(torch.arange(n_total), n_total, batch_size=batch_size, num_steps=num_steps,

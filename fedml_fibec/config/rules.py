@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .fields import check_section
-from .schema import BUILTIN_DATASETS, FEDML_METHODS, KEY_SECTION, METHODS, SECTIONS, RunConfig
+from .schema import BUILTIN_DATASETS, FEDML_METHODS, PAPER_TASK_NAMES, KEY_SECTION, METHODS, SECTIONS, RunConfig
 
 DATA_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 
@@ -25,8 +25,14 @@ def _check_data(cfg: RunConfig) -> None:
     """What data_source asks for must be there: a built-in name, or readable local files."""
     s, d = cfg.source, cfg.data_args
     if d.data_source == "builtin":
-        _require(d.dataset in BUILTIN_DATASETS, "dataset", d.dataset,
-                 f"a built-in dataset {list(BUILTIN_DATASETS)} when data_source=builtin", s)
+        _require(d.dataset in BUILTIN_DATASETS + PAPER_TASK_NAMES, "dataset", d.dataset,
+                 f"a built-in dataset {list(BUILTIN_DATASETS)} or one of the paper's tasks {list(PAPER_TASK_NAMES)} "
+                 "when data_source=builtin (any hub id: data_source=hub)", s)
+    if d.task_copy is not None:
+        _require(d.data_source in ("builtin", "hub") and d.dataset in PAPER_TASK_NAMES, "task_copy", d.task_copy,
+                 f"null unless dataset names one of the paper's tasks {list(PAPER_TASK_NAMES)}", s)
+        _require(Path(d.task_copy).is_dir(), "task_copy", d.task_copy,
+                 "an existing folder written by DatasetDict.save_to_disk", s)
     if d.data_source == "files":
         _require(d.train_file is not None, "train_file", None, "a file path when data_source=files", s)
         for key in ("train_file", "test_file"):
@@ -135,8 +141,16 @@ def _check_gal(cfg: RunConfig) -> None:
              f"exactly one of gal_ratio ({fb.gal_ratio}) and gal_mass to be set (set the other to null)", cfg.source)
 
 
+def _check_local_work(cfg: RunConfig) -> None:
+    """Local work is epochs over the samples in use, or a fixed number of steps: one of them must be set."""
+    t = cfg.train_args
+    _require(t.epochs is not None or t.local_steps is not None, "local_steps", None,
+             "a number of steps when epochs is null (set epochs, local_steps, or both: epochs capped by local_steps)",
+             cfg.source)
+
+
 CROSS_RULES = (_check_data, _check_sampling, _check_engine, _check_workers, _check_gpu_mapping, _check_backend,
-               _check_gal)
+               _check_gal, _check_local_work)
 
 
 def validate(cfg: RunConfig) -> None:

@@ -14,7 +14,9 @@ from typing import Any, Optional
 from ..methods import METHODS as _OUR_METHODS
 from .fields import at_least, dir_or_name, in_interval, must_be, non_negative, nonempty_names, option, positive
 
-BUILTIN_DATASETS = ("mr",)
+BUILTIN_DATASETS = ("mr", "stackoverflow")
+# The paper's ten tasks by name (fedml_fibec/data/tasks.py has where each lives; a test keeps the two equal).
+PAPER_TASK_NAMES = ("boolq", "cola", "mpqa", "mr", "mrpc", "qnli", "rte", "sst-2", "subj", "trec")
 BUILTIN_MODELS = ("minilm", "smollm2")
 METHODS = tuple(_OUR_METHODS)  # our cross-silo engine; what each shares and freezes is in fedml_fibec/methods.py
 # FedML's own algorithms on its simulation-MPI path (training_type: simulation), by FedML's names.
@@ -39,7 +41,13 @@ class CommonArgs:
 @dataclass
 class DataArgs:
     data_source: str = option("builtin", "Where the task comes from.", ("builtin", "files", "hub"))
-    dataset: str = option("mr", "Built-in dataset name (mr) or a `datasets` hub id / local dataset dir.")
+    dataset: str = option("mr", "A task by name: mr or stackoverflow (20 classes; embedded offline copies with "
+                          "data_source=builtin) or one of "
+                          "the paper's tasks boolq, cola, mpqa, mr, mrpc, qnli, rte, sst-2, subj, trec (from the "
+                          "hub, or from task_copy); with data_source=hub also any `datasets` hub id or local "
+                          "dataset dir.")
+    task_copy: Optional[str] = option(None, "A saved copy (DatasetDict.save_to_disk folder) of the named paper task, "
+                                      "read instead of the hub, e.g. on a machine without hub access.")
     train_file: Optional[str] = option(None, "data_source=files: training file (.csv .tsv .json .jsonl .parquet).")
     test_file: Optional[str] = option(None, "data_source=files: test file; none = seeded stratified split.")
     text_column: str = option("text", "Column holding the text.")
@@ -48,6 +56,10 @@ class DataArgs:
     hub_config: Optional[str] = option(None, "data_source=hub: dataset configuration name.")
     test_fraction: float = option(0.1, "Share of the data held out as global test set when no test split exists.",
                                   check=in_interval("(0, 1)"))
+    validation_fraction: float = option(0.0, "Share of the training data held out on the server as a validation "
+                                        "set (seeded, stratified, taken before the devices' partition, so no "
+                                        "device holds it). Settings are chosen on its accuracy, never on the "
+                                        "test set's. 0 = none.", check=in_interval("[0, 1)"))
     max_train_samples: Optional[int] = option(None, "Stratified subsample of the training set (quick runs).",
                                               check=positive("a positive integer"))
     max_seq_length: int = option(64, "Tokens per sample (padding/truncation).", check=at_least(8))
@@ -83,7 +95,12 @@ class TrainArgs:
     client_num_per_round: int = option(10, "Devices sampled per round (= client processes unless worker_num "
                                        "is lower).", check=at_least(1))
     comm_round: int = option(20, "Training rounds.", check=at_least(1))
-    local_steps: int = option(8, "Local optimizer steps per device per round.", check=at_least(1))
+    epochs: Optional[float] = option(None, "FedML's epochs: local passes over the samples a device uses this round "
+                                     "(FibecFed: its curriculum share), so local work follows that share; "
+                                     "null = a fixed local_steps per round.", check=positive("null or a positive "
+                                                                                             "number of passes"))
+    local_steps: Optional[int] = option(8, "Local optimizer steps per device per round when epochs is null; with "
+                                        "epochs, a cap on them (null = no cap).", check=at_least(1))
     batch_size: int = option(16, "Local minibatch size.", check=at_least(1))
     learning_rate: float = option(2e-3, "Local learning rate.", check=positive())
     lr_schedule: str = option("cosine", "Local learning rate across rounds: constant, or cosine decay from "

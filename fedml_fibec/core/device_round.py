@@ -88,12 +88,14 @@ class DeviceRound:
                                         min_samples=fb.min_samples)
             order = self._difficulty_order(data, state, device)
             clock["scoring_seconds"] = time.perf_counter() - t0
-            batches = alg.curriculum_batches(order, n_use, batch_size=tr.batch_size, num_steps=tr.local_steps,
-                                             generator=generator)
+            batches = alg.curriculum_batches(order, n_use, batch_size=tr.batch_size, generator=generator,
+                                             num_steps=alg.local_step_count(n_use, batch_size=tr.batch_size,
+                                                                            epochs=tr.epochs, max_steps=tr.local_steps))
         else:
             n_use = n_total
-            batches = alg.local_batches(n_total, batch_size=tr.batch_size, num_steps=tr.local_steps,
-                                        generator=generator)
+            batches = alg.local_batches(n_total, batch_size=tr.batch_size, generator=generator,
+                                        num_steps=alg.local_step_count(n_total, batch_size=tr.batch_size,
+                                                                       epochs=tr.epochs, max_steps=tr.local_steps))
 
         t0 = time.perf_counter()
         loss, sq_grads, updated_share = self._train_steps(round_idx, data, batches, local_keys, state, device)
@@ -118,6 +120,7 @@ class DeviceRound:
         scores = self._layer_scores(data, generator, device) if download.rescore else None
         clock["scoring_seconds"] += time.perf_counter() - t0
         stats = {"train_loss": loss, "device_accuracy": device_acc, "curriculum_share": n_use / n_total,
+                 "local_steps": len(batches), "samples_seen": sum(len(b) for b in batches),
                  "updated_neuron_share": updated_share, **clock}
         return Upload(device_id, n_use, to_wire({k: after[k] for k in shared}, cfg.comm_args.payload_dtype),
                       layer_scores=scores, stats=stats)

@@ -11,6 +11,8 @@ log = logging.getLogger("fedml_fibec")
 
 # Mean seconds per device spent on each part of local work (where the time goes).
 DEVICE_CLOCKS = ("scoring_seconds", "train_seconds", "eval_seconds")
+# Mean local work per device: optimizer steps and samples drawn (the cost measure that is not seconds).
+DEVICE_WORK = ("local_steps", "samples_seen")
 
 
 def mean(values: Iterable) -> Optional[float]:
@@ -34,7 +36,7 @@ def round_record(round_idx: int, stats: list[dict], *, devices: list[int], bytes
         "num_devices": len(stats),
         "devices": list(devices),
         "rejected_payloads": rejected,
-        **{k: mean(s.get(k) for s in stats) for k in DEVICE_CLOCKS},
+        **{k: mean(s.get(k) for s in stats) for k in DEVICE_CLOCKS + DEVICE_WORK},
     }
 
 

@@ -7,7 +7,8 @@ Read it as the paper's server steps (FIBECFED.md sections 2 and 4):
   finite values; a bad one is rejected and counted), averages each shared tensor over the devices,
   weighted by the samples they used, and returns the round's record;
 - the next Download carries only the shared tensors (the head and the GAL blocks).
-The global model is evaluated on the global test set when due. Nothing here knows FedML.
+The global model is evaluated on the global test set (and the validation set, when the run holds
+one out) when due. Nothing here knows FedML.
 """
 from __future__ import annotations
 
@@ -31,6 +32,29 @@ from .records import round_record
 log = logging.getLogger("fedml_fibec")
 
 
+def evaluate_global(model: nn.Module, cfg: RunConfig, test_set: EncodedSet, validation_set: Optional[EncodedSet],
+                    device, due: bool) -> dict:
+    """The global model's test accuracy and loss and, with a validation set, its validation ones (None if not due).
+
+    Settings are chosen on `val_accuracy`; `global_accuracy` (the test set) is reported, never chosen on.
+    """
+    v = cfg.validation_args
+    out: dict = {"global_accuracy": None, "global_loss": None}
+    if validation_set is not None:
+        out.update(val_accuracy=None, val_loss=None)
+    if due:
+        kw = dict(batch_size=v.eval_batch_size, device=device, bf16=cfg.device_args.bf16)
+        out["global_accuracy"], out["global_loss"] = evaluate(model, test_set, **kw)
+        if validation_set is not None:
+            out["val_accuracy"], out["val_loss"] = evaluate(model, validation_set, **kw)
+    return out
+
+
+def is_evaluation_round(cfg: RunConfig, round_idx: int) -> bool:
+    """Every frequency_of_the_test rounds, and the last round."""
+    return round_idx % cfg.validation_args.frequency_of_the_test == 0 or round_idx == cfg.train_args.comm_round - 1
+
+
 def exchanges_of(cfg: RunConfig) -> int:
     """Exchanges of a whole run: the training rounds plus FibecFed's layer-scoring exchange if any."""
     selects = method_of(cfg.train_args.federated_optimizer).selects_layers(cfg.fibec_args.gal_ratio)
@@ -40,10 +64,12 @@ def exchanges_of(cfg: RunConfig) -> int:
 class ServerRound:
     """Holds the global tensors and the GAL; averages only what the devices share."""
 
-    def __init__(self, model: nn.Module, cfg: RunConfig, test_set: EncodedSet, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: RunConfig, test_set: EncodedSet, device: torch.device,
+                 validation_set: Optional[EncodedSet] = None):
         self.model = model
         self.cfg = cfg
         self.test_set = test_set
+        self.validation_set = validation_set
         self.device = device
         self.method = method_of(cfg.train_args.federated_optimizer)
         self.global_tensors = OrderedDict((k, v.detach().float().cpu().clone())
@@ -98,14 +124,10 @@ class ServerRound:
 
     def evaluate_if_due(self, record: dict) -> dict:
         """Add the global model's test accuracy and loss to a round's record (None when not due)."""
-        r, total = record["round"], self.cfg.train_args.comm_round
-        acc = loss = None
-        v = self.cfg.validation_args
-        if r % v.frequency_of_the_test == 0 or r == total - 1:
+        due = is_evaluation_round(self.cfg, record["round"])
+        if due:
             load_trainable_state(self.model, {k: t.to(self.device) for k, t in self.global_tensors.items()})
-            acc, loss = evaluate(self.model, self.test_set, batch_size=v.eval_batch_size, device=self.device,
-                                 bf16=self.cfg.device_args.bf16)
-        record.update(global_accuracy=acc, global_loss=loss)
+        record.update(evaluate_global(self.model, self.cfg, self.test_set, self.validation_set, self.device, due))
         return record
 
     def shared_keys(self) -> list[str]:

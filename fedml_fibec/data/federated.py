@@ -12,7 +12,8 @@ import torch
 
 from fedml_fibec.data.encode import EncodedSet, encode_cached
 from fedml_fibec.data.partition import partition_indices
-from fedml_fibec.data.sources import TextTable, load_builtin, load_files, load_hub
+from fedml_fibec.data.sources import BUILTIN, TextTable, load_builtin, load_files, load_hub
+from fedml_fibec.data.tasks import PAPER_TASKS, load_task
 from fedml_fibec.data.split import stratified_split, stratified_subsample
 from fedml_fibec.errors import ConfigError
 
@@ -40,11 +41,18 @@ class FederatedData:
     test: EncodedSet
     num_classes: int
     label_names: list[str]
+    validation: EncodedSet | None = None  # held out on the server; no device holds any of it
 
     @property
     def train_num(self) -> int:
         """Total number of training examples over all devices."""
         return sum(len(d) for d in self.train)
+
+    @property
+    def test_majority_share(self) -> float:
+        """Accuracy of always answering the test set's largest class (what a stuck model scores)."""
+        counts = torch.bincount(self.test.labels, minlength=self.num_classes)
+        return float(counts.max()) / max(1, len(self.test))
 
     def stats(self) -> dict[str, Any]:
         """Per-device sizes and label counts plus a summary, JSON-serialisable (for the log)."""
@@ -56,6 +64,7 @@ class FederatedData:
             "label_names": list(self.label_names),
             "train_num": sum(sizes),
             "test_num": len(self.test),
+            "validation_num": 0 if self.validation is None else len(self.validation),
             "seq_len": self.test.seq_len,
             "size_min": min(sizes) if sizes else 0,
             "size_median": float(np.median(sizes)) if sizes else 0.0,
@@ -78,8 +87,13 @@ def load_source(
     label_column: str = "label",
     text_pair_column: str | None = None,
     hub_config: str | None = None,
+    task_copy: str | os.PathLike | None = None,
 ) -> tuple[TextTable, TextTable | None]:
     """(train, test|None) tables from the named source."""
+    embedded = source == "builtin" and dataset in BUILTIN and task_copy is None
+    if source in ("builtin", "hub") and dataset in PAPER_TASKS and not embedded:
+        # A paper task by name: its hub id, columns and splits from the registry (or its saved copy).
+        return load_task(dataset, task_copy=task_copy, cache_dir=cache_dir)
     if source == "builtin":
         return load_builtin(dataset, cache_dir)
     if source == "files":
@@ -105,6 +119,7 @@ def build_federated_data(
     min_samples_per_device: int,
     test_fraction: float,
     seed: int,
+    validation_fraction: float = 0.0,
     cache_dir: str | os.PathLike | None = None,
     train_file: str | os.PathLike | None = None,
     test_file: str | os.PathLike | None = None,
@@ -127,6 +142,11 @@ def build_federated_data(
     if test is None:
         # Depends only on (seed, test_fraction): every method compared under one seed sees the same test set.
         train, test = stratified_split(train, test_fraction=test_fraction, seed=seed)
+    validation = None
+    if validation_fraction > 0:
+        # From the training pool, before subsampling and partitioning: the devices never see it, and it
+        # depends only on (seed, fractions), so every method compared under one seed is tuned on the same set.
+        train, validation = stratified_split(train, test_fraction=validation_fraction, seed=seed + 3)
     if max_train_samples is not None:
         if int(max_train_samples) <= 0:
             raise ConfigError(f"max_train_samples must be positive or null, got {max_train_samples!r}")
@@ -136,16 +156,20 @@ def build_federated_data(
     # Encode once and slice: one tokenizer pass instead of one per device.
     enc_train = encode_cached(train, tokenizer, max_length=max_length, cache_dir=encode_cache_dir)
     enc_test = encode_cached(test, tokenizer, max_length=max_length, cache_dir=encode_cache_dir)
+    enc_val = None if validation is None else encode_cached(validation, tokenizer, max_length=max_length,
+                                                              cache_dir=encode_cache_dir)
     fd = FederatedData(
         train=[DeviceData(d, enc_train.subset(p)) for d, p in enumerate(parts)],
         test=enc_test,
         num_classes=train.num_classes,
         label_names=list(train.label_names),
+        validation=enc_val,
     )
     st = fd.stats()
-    log.info("data %s/%s: %d train over %d devices (min %d, median %.0f, max %d), %d test, %d classes %s, %.1f s",
-             source, dataset, st["train_num"], st["num_devices"], st["size_min"], st["size_median"],
-             st["size_max"], st["test_num"], fd.num_classes, fd.label_names, time.perf_counter() - t0)
+    log.info("data %s/%s: %d train over %d devices (min %d, median %.0f, max %d), %d validation, %d test, "
+             "%d classes %s, %.1f s", source, dataset, st["train_num"], st["num_devices"], st["size_min"],
+             st["size_median"], st["size_max"], st["validation_num"], st["test_num"], fd.num_classes,
+             fd.label_names, time.perf_counter() - t0)
     return fd
 
 

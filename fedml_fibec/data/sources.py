@@ -14,7 +14,7 @@ from fedml_fibec.errors import DataError
 
 log = logging.getLogger(__name__)
 
-BUILTIN = ("mr",)
+BUILTIN = ("mr", "stackoverflow")
 _COMPRESSION = (".gz", ".bz2", ".xz", ".zip", ".zst")
 
 
@@ -62,6 +62,8 @@ def load_builtin(name: str, cache_dir: str | os.PathLike | None = None) -> tuple
     """A built-in dataset as (train, test); test is None when it has no official split."""
     if name == "mr":
         return load_mr(cache_dir), None
+    if name == "stackoverflow":
+        return load_stackoverflow(cache_dir)
     raise DataError(f"unknown built-in dataset {name!r} (key 'dataset'); built-in datasets: {', '.join(BUILTIN)}")
 
 
@@ -85,6 +87,44 @@ def load_mr(cache_dir: str | os.PathLike | None = None) -> TextTable:
         labels=[mapping[c] for c in df["category"]],
         label_names=["rotten", "fresh"],
     )
+
+
+STACKOVERFLOW_FILES = ("train.tsv", "dev.tsv", "test.tsv")
+
+
+def load_stackoverflow(cache_dir: str | os.PathLike | None = None) -> tuple[TextTable, TextTable]:
+    """Stack Overflow titles in 20 tag classes from the 'stackoverflow' asset: (train + dev, test).
+
+    The set's own split is kept (its dev part joins train: a validation split, when wanted, is drawn
+    from train by validation_fraction). Classes are the tags in alphabetical order.
+    """
+    import csv
+
+    from fedml_fibec import assets
+
+    folder = assets.asset_path("stackoverflow", cache_dir)
+    frames = []
+    for name in STACKOVERFLOW_FILES:
+        path = Path(folder) / name
+        if not path.is_file():
+            raise DataError(f"{folder}: no {name}; the stackoverflow asset holds {', '.join(STACKOVERFLOW_FILES)}")
+        # Quoted fields may hold tabs and newlines: the csv module, not a line split.
+        df = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_MINIMAL, dtype=str, keep_default_na=False)
+        for col in ("text", "label"):
+            if col not in df.columns:
+                raise DataError(f"{path}: no column {col!r}; columns are {list(df.columns)}")
+        df = df[df["text"].str.strip() != ""]
+        frames.append(df)
+    train_df = pd.concat(frames[:2], ignore_index=True)
+    names = sorted(set(train_df["label"]))
+    unknown = sorted(set(frames[2]["label"]) - set(names))
+    if unknown:
+        raise DataError(f"{folder}/test.tsv: labels {unknown} do not occur in train/dev")
+    ids = {n: i for i, n in enumerate(names)}
+
+    def table(df: pd.DataFrame) -> TextTable:
+        return TextTable(texts=list(df["text"]), labels=[ids[v] for v in df["label"]], label_names=names)
+    return table(train_df), table(frames[2])
 
 
 # --------------------------------------------------------------------------- local files

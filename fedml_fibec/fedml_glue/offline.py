@@ -18,12 +18,21 @@ OFFLINE_ENV = {
 }
 
 
+# A user with hub access may allow downloads explicitly (HF_HUB_OFFLINE=0 HF_DATASETS_OFFLINE=0 ...);
+# anything else is forced: a run makes no call to a cloud it was not asked to reach.
+USER_MAY_SET = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
 def set_offline_environment(fedml_home: Path) -> None:
     """Offline switches for HF/wandb, and FedML's ~/.fedml files under the run folder.
 
     Must run before fedml is imported: FedML resolves its home folder from HOME.
     """
-    os.environ.update(OFFLINE_ENV)
+    for key, value in OFFLINE_ENV.items():
+        if key in USER_MAY_SET:
+            os.environ.setdefault(key, value)
+        else:
+            os.environ[key] = value
     fedml_home.mkdir(parents=True, exist_ok=True)
     os.environ["HOME"] = str(fedml_home)
 

@@ -35,8 +35,25 @@ class RunResult:
         return [(r, r["global_accuracy"]) for r in self.records if r.get("global_accuracy") is not None]
 
     def final_accuracy(self) -> Optional[float]:
-        acc = self.accuracies()
-        return acc[-1][1] if acc else None
+        """Mean test accuracy of the last three evaluated rounds (one round's accuracy swings)."""
+        acc = [a for _, a in self.accuracies()][-3:]
+        return sum(acc) / len(acc) if acc else None
+
+    def validation_score(self) -> Optional[float]:
+        """Mean validation accuracy of the last three evaluated rounds (runs with a validation split)."""
+        val = [r["val_accuracy"] for r in self.records if r.get("val_accuracy") is not None][-3:]
+        return sum(val) / len(val) if val else None
+
+    def device_compute_seconds(self) -> Optional[float]:
+        """Local compute summed over devices and rounds: scoring and training (device evaluation, a
+        measurement of the run, is left out)."""
+        total, seen = 0.0, False
+        for r in self.records:
+            for k in ("scoring_seconds", "train_seconds"):
+                if r.get(k) is not None:
+                    total += r[k] * (r.get("num_devices") or 0)
+                    seen = True
+        return total if seen else None
 
     def best_accuracy(self) -> Optional[float]:
         acc = self.accuracies()
@@ -123,10 +140,11 @@ def target_accuracy(runs: Sequence[RunResult], *, reference: Sequence[str] = ("F
 COLUMNS = (
     "method", "status", "seeds_ok", "seeds",
     "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "device_acc_mean", "device_acc_std",
+    "val_acc_mean", "val_acc_std", "compute_s_mean", "compute_s_std", "majority_share", "at_majority",
     "target_reached", "rounds_to_target_mean", "rounds_to_target_std",
     "seconds_to_target_mean", "seconds_to_target_std",
     "mb_up_mean", "mb_up_std", "mb_down_mean", "mb_down_std", "sec_per_round_mean", "sec_per_round_std",
-    "error",
+    "tuned_setting", "validation_score", "error",
 )
 
 
@@ -148,8 +166,15 @@ def compare_rows(runs: Sequence[RunResult], target: Optional[float]) -> list[dic
             ("mb_up", [r.total_mb("bytes_up") for r in good]),
             ("mb_down", [r.total_mb("bytes_down") for r in good]),
             ("sec_per_round", [r.seconds_per_round() for r in good]),
+            ("val_acc", [r.validation_score() for r in good]),
+            ("compute_s", [r.device_compute_seconds() for r in good]),
         ):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_spread(values)
+        shares = [r.summary.get("test_majority_share") for r in good if r.summary.get("test_majority_share")]
+        row["majority_share"] = shares[0] if shares else None
+        # At the majority class: even its best round is within half a point of always answering that class.
+        row["at_majority"] = (row["majority_share"] is not None and row["best_acc_mean"] is not None
+                              and row["best_acc_mean"] <= row["majority_share"] + 0.005)
         reached = [r.reach(target) for r in good] if target is not None else []
         hits = [x for x in reached if x is not None]
         row["target_reached"] = f"{len(hits)}/{len(good)}" if target is not None else None
@@ -179,29 +204,37 @@ def _pm(mean: Optional[float], std: Optional[float], spec: str) -> str:
 def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: str) -> str:
     """The comparison as a Markdown table with a short legend."""
     lines = [
-        "| method | final acc | best acc | device acc | rounds to target | s to target | MB up | MB down | s/round | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | final acc | best acc | val acc | device acc | rounds to target | s to target | device compute s "
+        "| MB up | MB down | s/round | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] == "failed":
             err = (r["error"] or "").replace("|", "/").replace("\n", " ")
-            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | 0/{r['seeds']} |")
+            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | | | 0/{r['seeds']} |")
             continue
         reached = r["target_reached"] or "-"
+        mark = " (majority class)" if r.get("at_majority") else ""
         lines.append(
-            f"| {r['method']} | {_pm(r['final_acc_mean'], r['final_acc_std'], '.4f')} "
+            f"| {r['method']}{mark} | {_pm(r['final_acc_mean'], r['final_acc_std'], '.4f')} "
             f"| {_pm(r['best_acc_mean'], r['best_acc_std'], '.4f')} "
+            f"| {_pm(r.get('val_acc_mean'), r.get('val_acc_std'), '.4f')} "
             f"| {_pm(r['device_acc_mean'], r['device_acc_std'], '.4f')} "
             f"| {_pm(r['rounds_to_target_mean'], r['rounds_to_target_std'], '.1f')} ({reached}) "
             f"| {_pm(r['seconds_to_target_mean'], r['seconds_to_target_std'], '.0f')} "
+            f"| {_pm(r.get('compute_s_mean'), r.get('compute_s_std'), '.0f')} "
             f"| {_pm(r['mb_up_mean'], r['mb_up_std'], '.2f')} | {_pm(r['mb_down_mean'], r['mb_down_std'], '.2f')} "
             f"| {_pm(r['sec_per_round_mean'], r['sec_per_round_std'], '.1f')} | {r['seeds_ok']}/{r['seeds']} |")
     legend = [
         "",
         f"Target: {target_note}" + ("" if target is None else f" = {target:.4f}") + ". Rounds and seconds to "
         "target average the seeds that reached it (reached/successful seeds in brackets).",
-        "Values are mean ± sample standard deviation over seeds (no ± with one seed). MB are tensor payload "
-        "megabytes summed over rounds and devices; s/round is the mean round time on the server.",
+        "Values are mean ± sample standard deviation over seeds (no ± with one seed). Final acc is the mean test "
+        "accuracy of the last three evaluated rounds, val acc the same on the validation split (what tuning "
+        "chooses by; - without one). Device compute s is scoring + local training summed over devices and "
+        "rounds. MB are tensor payload megabytes summed over rounds and devices; s/round is the mean round "
+        "time on the server. (majority class): the best accuracy is within 0.5 points of the largest test "
+        "class's share.",
     ]
     failed = [r for r in rows if r["status"] == "partial"]
     for r in failed:

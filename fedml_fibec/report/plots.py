@@ -41,13 +41,15 @@ def line_styles(n: int) -> list[dict]:
              "marker": markers[i % len(markers)]} for i in range(n)]
 
 
-def _mean_curve(runs: Sequence[RunResult], axis: str) -> tuple[list[float], list[float]]:
-    """Point-wise mean over seeds, up to the shortest run (x is averaged too)."""
+def _mean_curve(runs: Sequence[RunResult], axis: str) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Point-wise mean over seeds, up to the shortest run (x is averaged too), and the seeds' min and max."""
     curves = [_curve(r, axis) for r in runs]
     n = min(len(c[0]) for c in curves)
     xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]
     ys = [sum(c[1][i] for c in curves) / len(curves) for i in range(n)]
-    return xs, ys
+    lo = [min(c[1][i] for c in curves) for i in range(n)]
+    hi = [max(c[1][i] for c in curves) for i in range(n)]
+    return xs, ys, lo, hi
 
 
 def plot_curves(runs: Sequence[RunResult], out_dir: str | Path, target: float | None = None) -> list[Path]:
@@ -58,9 +60,13 @@ def plot_curves(runs: Sequence[RunResult], out_dir: str | Path, target: float | 
     for axis, label in AXES.items():
         fig, ax = plt.subplots(figsize=(9, 4.5))
         for name, style in zip(methods, line_styles(len(methods))):
-            xs, ys = _mean_curve([r for r in runs if r.method == name and r.ok], axis)
+            mine = [r for r in runs if r.method == name and r.ok]
+            xs, ys, lo, hi = _mean_curve(mine, axis)
             if xs:
-                ax.plot(xs, ys, markersize=3, linewidth=1.2, label=name, **style)
+                ax.plot(xs, ys, markersize=3, linewidth=1.2, label=name + (f" ({len(mine)} seeds)" if len(mine) > 1
+                                                                            else ""), **style)
+                if len(mine) > 1:  # the band: lowest to highest seed at each point
+                    ax.fill_between(xs, lo, hi, color=style["color"], alpha=0.15, linewidth=0)
         if target is not None:
             ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
         ax.set_xlabel(label)

@@ -22,9 +22,10 @@ from ...metrics import MetricsLog
 class FibecServerAggregator(ServerAggregator):
     """FedML's view of the server round; writes one metrics record per training round."""
 
-    def __init__(self, model, args, cfg: RunConfig, test_set: EncodedSet, metrics: MetricsLog, device):
+    def __init__(self, model, args, cfg: RunConfig, test_set: EncodedSet, metrics: MetricsLog, device,
+                 validation_set: Optional[EncodedSet] = None):
         super().__init__(model, args)
-        self.server_round = ServerRound(model, cfg, test_set, device)
+        self.server_round = ServerRound(model, cfg, test_set, device, validation_set)
         self.clock = RoundClock(metrics)
         self.receivers: Optional[int] = None  # devices the current exchange went to (None = all)
         self.transport: dict = {}  # transport facts of the current exchange for its record (GRPC)

@@ -139,7 +139,9 @@ def make_federation_certs(endpoints: list[Endpoint], out: Path, days: int = 365,
         write_cert(ca_crt, ca_cert)
     written = [ca_crt]
     for e in endpoints:
-        cert, key = make_host_cert(ca_cert, ca_key, e.rank, [e.address] + ([e.bind] if e.bind else []), days)
+        # The address others dial, and a specific bind address (not a wildcard such as 0.0.0.0).
+        extra = [e.bind] if e.bind and e.bind not in ("0.0.0.0", "::") else []
+        cert, key = make_host_cert(ca_cert, ca_key, e.rank, [e.address] + extra, days)
         crt_path, key_path = host_paths(out, e.rank)
         write_key(key_path, key)
         write_cert(crt_path, cert)

@@ -89,7 +89,7 @@ def run_cross_silo(cfg: RunConfig, out_dir: Path, world, model, fed_data: Federa
         return None
 
     metrics = MetricsLog(out_dir, cfg.train_args.federated_optimizer, cfg.train_args.comm_round)
-    aggregator = FibecServerAggregator(model, args, cfg, fed_data.test, metrics, device)
+    aggregator = FibecServerAggregator(model, args, cfg, fed_data.test, metrics, device, fed_data.validation)
     aggregator.set_id(0)
     if resumed:
         checkpoint.restore(resumed, aggregator=aggregator, metrics=metrics)
@@ -108,7 +108,8 @@ def run_cross_silo(cfg: RunConfig, out_dir: Path, world, model, fed_data: Federa
     if manager.failure is not None:
         raise manager.failure
     extra = {"gal": aggregator.server_round.gal, "out_dir": str(out_dir), "world_size": world.size,
-             "worker_num": cfg.worker_num, "first_exchange_at": manager.first_exchange_at}
+             "worker_num": cfg.worker_num, "first_exchange_at": manager.first_exchange_at,
+             "test_majority_share": fed_data.test_majority_share}
     if grpc:
         cm = manager.com_manager
         extra.update(backend="GRPC", tls=cm.settings.identity is not None, wire_bytes_sent=cm.bytes_sent,

@@ -9,6 +9,7 @@ test (FedNova). Each round ends in one metrics.jsonl record, the same fields our
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 from fedml.core import ServerAggregator
@@ -16,7 +17,7 @@ from torch import nn
 
 from ... import algorithm as alg
 from ...config import RunConfig
-from ...core.local import evaluate
+from ...core.server_round import evaluate_global, is_evaluation_round
 from ...core.records import RoundClock, round_record
 from ...data import EncodedSet
 from ...metrics import MetricsLog
@@ -47,11 +48,13 @@ class TrainableView(nn.Module):
 class BaselineServerAggregator(ServerAggregator):
     """Global trainable tensors for FedML's aggregators; one metrics record per round."""
 
-    def __init__(self, model, args, cfg: RunConfig, test_set: EncodedSet, metrics: MetricsLog, device):
+    def __init__(self, model, args, cfg: RunConfig, test_set: EncodedSet, metrics: MetricsLog, device,
+                 validation_set: Optional[EncodedSet] = None):
         super().__init__(TrainableView(model), args)
         self.full_model = model
         self.cfg = cfg
         self.test_set = test_set
+        self.validation_set = validation_set
         self.device = device
         self.num_blocks = num_blocks(model)
         self.clock = RoundClock(metrics)
@@ -89,18 +92,16 @@ class BaselineServerAggregator(ServerAggregator):
     # internals ------------------------------------------------------------------------------------
     def _end_round(self) -> None:
         """Evaluate the new global model (when due) and write the round's record."""
-        tr, v = self.cfg.train_args, self.cfg.validation_args
+        tr = self.cfg.train_args
         r = self.round
-        acc = loss = None
-        if r % v.frequency_of_the_test == 0 or r == tr.comm_round - 1:
-            acc, loss = evaluate(self.full_model, self.test_set, batch_size=v.eval_batch_size, device=self.device,
-                                 bf16=self.cfg.device_args.bf16)
+        evaluation = evaluate_global(self.full_model, self.cfg, self.test_set, self.validation_set, self.device,
+                                     is_evaluation_round(self.cfg, r))
         stats, self._uploads = self._uploads, []
         # Every participant receives the whole trainable set once per round.
         bytes_down = alg.payload_bytes(self.get_model_params()) * tr.client_num_per_round
         record = round_record(r, stats, devices=sorted(s["device_id"] for s in stats if "device_id" in s),
                               bytes_up=self._bytes_up, bytes_down=bytes_down, gal=list(range(self.num_blocks)))
-        record.update(global_accuracy=acc, global_loss=loss)
+        record.update(evaluation)
         if any("tau_eff" in s for s in stats):
             record["tau_eff"] = sum(s.get("tau_eff", 0.0) for s in stats)
         self._bytes_up = 0

@@ -42,7 +42,7 @@ def run_simulation(cfg: RunConfig, out_dir: Path, world, model, fed_data: Federa
     trainer = aggregator = metrics = None
     if rank == 0:
         metrics = MetricsLog(out_dir, f"FedML-{method}", cfg.train_args.comm_round)
-        aggregator = BaselineServerAggregator(model, args, cfg, fed_data.test, metrics, device)
+        aggregator = BaselineServerAggregator(model, args, cfg, fed_data.test, metrics, device, fed_data.validation)
         log.info("FedML %s (simulation, MPI) on %s: %d rounds, %d devices, %d per round; results in %s", method,
                  device, cfg.train_args.comm_round, cfg.train_args.client_num_in_total,
                  cfg.train_args.client_num_per_round, out_dir)
@@ -57,4 +57,5 @@ def run_simulation(cfg: RunConfig, out_dir: Path, world, model, fed_data: Federa
     if rank != 0:
         return None
     return metrics.write_summary(cfg.to_sections(), {"gal": list(range(aggregator.num_blocks)), "out_dir": str(out_dir),
-                                                     "world_size": world.size, "engine": "fedml-simulation-mpi"})
+                                                     "world_size": world.size, "engine": "fedml-simulation-mpi",
+                                                     "test_majority_share": fed_data.test_majority_share})

@@ -105,8 +105,9 @@ class BaselineClientTrainer(ClientTrainer):
         generator = device_generator(state, seed, train_data.device_id)
         seed_dropout(seed, train_data.device_id, round_idx)
         t0 = time.perf_counter()
-        batches = alg.local_batches(len(train_data), batch_size=tr.batch_size, num_steps=tr.local_steps,
-                                    generator=generator)
+        batches = alg.local_batches(len(train_data), batch_size=tr.batch_size, generator=generator,
+                                    num_steps=alg.local_step_count(len(train_data), batch_size=tr.batch_size,
+                                                                   epochs=tr.epochs, max_steps=tr.local_steps))
         self.optimizer = make_opt()
         loss = train_steps(self.model, train_data.data, batches, self.optimizer, device=device,
                            max_grad_norm=tr.max_grad_norm, bf16=cfg.device_args.bf16, extra_loss=extra_loss)
@@ -121,7 +122,8 @@ class BaselineClientTrainer(ClientTrainer):
                                      device=device, bf16=cfg.device_args.bf16)
         return {"device_id": train_data.device_id, "train_loss": loss, "device_accuracy": device_acc,
                 "num_samples": len(train_data), "train_seconds": train_seconds,
-                "eval_seconds": time.perf_counter() - t0}
+                "eval_seconds": time.perf_counter() - t0, "local_steps": len(batches),
+                "samples_seen": sum(len(b) for b in batches)}
 
 
 class FedNovaClientTrainer(BaselineClientTrainer, FedNovaModelTrainer):

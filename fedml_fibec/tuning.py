@@ -1,0 +1,112 @@
+"""Tuning a comparison's methods on the validation split: a plain grid per method, read from YAML.
+
+The grid file maps a method of the comparison to the values of its sensitive config keys:
+
+    FedML-FedProx:
+      learning_rate: [0.001, 0.002, 0.005]
+      fedprox_mu: [0.001, 0.01, 0.1]
+
+Every point of a method's grid (the cartesian product of its lists, in file order) is one run at
+the tuning seed; the point with the best score is the method's setting, then run with every seed.
+The score is the mean validation accuracy of the last three evaluated rounds
+(`val_accuracy_last3` of summary.json), so the runs must hold out a validation split
+(`validation_fraction` > 0); the test accuracy is reported and never read here. Ties go to the
+point listed first. A plain grid (not a search library) because the grids are small, every point
+is a folder a person can open, and resuming is the comparison's own: a finished run is skipped.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+SCORE_KEY = "val_accuracy_last3"
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One setting of a method: config keys and values, in grid order."""
+
+    method: str
+    values: tuple[tuple[str, Any], ...]
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"{k}={_yaml_value(v)}" for k, v in self.values]
+
+    @property
+    def slug(self) -> str:
+        """A folder name that says the setting: 'learning_rate=0.001,fedprox_mu=0.01' ('default' if empty)."""
+        if not self.values:
+            return "default"
+        return ",".join(f"{k}={re.sub(r'[^A-Za-z0-9.+-]', '_', _yaml_value(v))}" for k, v in self.values)
+
+
+def _yaml_value(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return str(v)
+
+
+def load_grid(path: str | Path, methods: Sequence[str]) -> dict[str, list[GridPoint]]:
+    """Every method's grid points from the YAML file; a method the file does not name gets one point (its
+    defaults). Methods the file names that are not in `methods` are ignored; keys are checked by the caller."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"--tune {p}: cannot read the grid file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--tune {p}: not valid YAML ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--tune {p}: expected a mapping of method -> {{key: [values]}}")
+    grids: dict[str, list[GridPoint]] = {}
+    for method in methods:
+        spec = raw.get(method) or {}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"--tune {p}: {method}: expected a mapping of config key -> list of values")
+        keys, lists = [], []
+        for key, values in spec.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"--tune {p}: {method}.{key}: expected a non-empty list of values, got {values!r}")
+            if len(set(map(repr, values))) != len(values):
+                raise ConfigError(f"--tune {p}: {method}.{key}: a value is listed twice")
+            keys.append(str(key))
+            lists.append(values)
+        grids[method] = [GridPoint(method, tuple(zip(keys, combo))) for combo in itertools.product(*lists)]
+    return grids
+
+
+def score_of(summary: Optional[Mapping[str, Any]]) -> Optional[float]:
+    """The tuning score of a finished run (None if it has none: failed, or no validation split)."""
+    if not summary:
+        return None
+    v = summary.get(SCORE_KEY)
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def choose(points: Sequence[GridPoint], scores: Sequence[Optional[float]]) -> Optional[int]:
+    """Index of the best-scoring point (first on ties), None if no point has a score."""
+    best = None
+    for i, s in enumerate(scores):
+        if s is not None and (best is None or s > scores[best]):
+            best = i
+    return best
+
+
+def read_summary(folder: Path) -> Optional[dict]:
+    p = folder / "summary.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,125 @@
+"""Tuning on the validation split and resuming comparisons (synthetic run folders; no mpirun)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fedml_fibec import compare
+from fedml_fibec.errors import ConfigError
+from fedml_fibec.tuning import GridPoint, choose, load_grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _grid(tmp_path, text: str) -> Path:
+    p = tmp_path / "grid.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_grid_points_are_the_product_in_file_order(tmp_path):
+    grids = load_grid(_grid(tmp_path, "FedML-FedProx:\n  learning_rate: [0.001, 0.002]\n  fedprox_mu: [0.1, 0.01]\n"),
+                      ["FedML-FedProx", "FedAvg-LoRA"])
+    slugs = [p.slug for p in grids["FedML-FedProx"]]
+    assert slugs == ["learning_rate=0.001,fedprox_mu=0.1", "learning_rate=0.001,fedprox_mu=0.01",
+                     "learning_rate=0.002,fedprox_mu=0.1", "learning_rate=0.002,fedprox_mu=0.01"]
+    assert grids["FedML-FedProx"][1].overrides == ["learning_rate=0.001", "fedprox_mu=0.01"]
+    assert [p.slug for p in grids["FedAvg-LoRA"]] == ["default"]  # not in the file: its defaults
+    assert GridPoint("x", (("head_learning_rate", None),)).overrides == ["head_learning_rate=null"]
+    for text, message in (("FedAvg-LoRA: [1, 2]\n", "mapping of config key"),
+                          ("FedAvg-LoRA:\n  learning_rate: 0.1\n", "non-empty list"),
+                          ("FedAvg-LoRA:\n  learning_rate: [0.1, 0.1]\n", "listed twice"),
+                          ("- a\n", "mapping of method")):
+        with pytest.raises(ConfigError, match=message):
+            load_grid(_grid(tmp_path, text), ["FedAvg-LoRA"])
+    assert choose(grids["FedML-FedProx"], [0.7, 0.8, 0.8, None]) == 1  # the first of equal scores
+    assert choose(grids["FedML-FedProx"], [None] * 4) is None
+
+
+def test_shipped_grid_is_valid_for_every_method():
+    ns = compare.parse_args(["--out", "/tmp/x", "--tune", str(ROOT / "config" / "tuning" / "grid.yaml"),
+                             "--set", "validation_fraction=0.1"])
+    grids = compare._check_tuning(ns, list(compare.METHODS))
+    assert set(grids) == set(compare.METHODS) and all(len(points) >= 2 for points in grids.values())
+    # a grid key that is no config key, or tuning without a validation split, stops before any run
+    bad = compare.parse_args(["--out", "/tmp/x", "--tune", str(ROOT / "config" / "tuning" / "grid.yaml")])
+    with pytest.raises(ConfigError, match="validation_fraction = 0.0"):
+        compare._check_tuning(bad, ["FedAvg-LoRA"])
+
+
+def _finished_run(folder: Path, ns, method: str, seed: int, setting, *, val: list[float], test: list[float]) -> None:
+    """A run folder as the launcher leaves it after a successful run."""
+    folder.mkdir(parents=True)
+    requested = compare.run_overrides(ns, method, seed, setting)
+    status = {"method": method, "seed": seed, "cf": ns.cf, "requested_overrides": requested, "status": "ok",
+              "error": None, "wall_seconds": 1.0}
+    (folder / "run.json").write_text(json.dumps(status))
+    recs = [{"round": i, "wall_seconds": i + 1.0, "round_seconds": 1.0, "global_accuracy": t, "val_accuracy": v,
+             "bytes_up": 1, "bytes_down": 1} for i, (v, t) in enumerate(zip(val, test))]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    last3 = val[-3:]
+    (folder / "summary.json").write_text(json.dumps({"val_accuracy_last3": sum(last3) / len(last3),
+                                                     "final_accuracy": test[-1]}))
+
+
+@pytest.fixture
+def no_mpirun(monkeypatch):
+    """Fail the test if the comparison would start a run."""
+    def refuse(*a, **k):
+        raise AssertionError(f"a run was started: {a[0] if a else k}")
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+def test_tuner_chooses_by_validation_never_by_test(tmp_path, no_mpirun):
+    """Point A has the better test accuracy, point B the better validation accuracy: B is chosen."""
+    grid = _grid(tmp_path, "FedAvg-LoRA:\n  learning_rate: [0.001, 0.005]\n")
+    root = tmp_path / "cmp"
+    argv = ["--out", str(root), "--methods", "FedAvg-LoRA", "--seeds", "2", "--tune", str(grid),
+            "--set", "validation_fraction=0.1"]
+    ns = compare.parse_args(argv)
+    a, b = ["learning_rate=0.001"], ["learning_rate=0.005"]
+    base = root / "tuning" / "FedAvg-LoRA"
+    _finished_run(base / "learning_rate=0.001" / "seed0", ns, "FedAvg-LoRA", 0, a, val=[0.6, 0.6, 0.6],
+                  test=[0.9, 0.9, 0.9])
+    _finished_run(base / "learning_rate=0.005" / "seed0", ns, "FedAvg-LoRA", 0, b, val=[0.7, 0.7, 0.7],
+                  test=[0.5, 0.5, 0.5])
+    _finished_run(base / "learning_rate=0.005" / "seed1", ns, "FedAvg-LoRA", 1, b, val=[0.7, 0.7, 0.7],
+                  test=[0.55, 0.55, 0.55])
+    assert compare.main(argv) == 0  # everything finished before: nothing runs (Popen would fail the test)
+    choices = json.loads((root / "tuning" / "choices.json").read_text())
+    assert choices["FedAvg-LoRA"]["setting"] == b and choices["FedAvg-LoRA"]["score"] == pytest.approx(0.7)
+    assert (root / "FedAvg-LoRA").resolve() == (base / "learning_rate=0.005").resolve()
+    md = (root / "compare.md").read_text()
+    assert "| FedAvg-LoRA | **learning_rate=0.005** | 0.7000 | 0.5000 |" in md
+    assert "| FedAvg-LoRA | learning_rate=0.001 | 0.6000 | 0.9000 |" in md
+    rows = (root / "compare.csv").read_text()
+    assert "learning_rate=0.005" in rows and "0.525" in rows  # the chosen point's two seeds: (0.5 + 0.55) / 2
+    sittings = json.loads((root / "comparison.json").read_text())["sittings"]
+    assert len(sittings) == 1 and sittings[0]["runs"] == 0
+
+
+def test_resume_skips_finished_runs_and_reruns_changed_ones(tmp_path, monkeypatch):
+    root = tmp_path / "cmp"
+    argv = ["--out", str(root), "--methods", "FedAvg-LoRA,FFA-LoRA", "--seeds", "1", "--set", "comm_round=3"]
+    ns = compare.parse_args(argv)
+    _finished_run(root / "FedAvg-LoRA" / "seed0", ns, "FedAvg-LoRA", 0, [], val=[0.5] * 3, test=[0.6] * 3)
+    # FFA-LoRA's folder finished under other overrides: it must run again
+    other = compare.parse_args(argv[:-1] + ["comm_round=2"])
+    _finished_run(root / "FFA-LoRA" / "seed0", other, "FFA-LoRA", 0, [], val=[0.5] * 3, test=[0.6] * 3)
+    started = []
+
+    def fake_launch(method, seed, ns_, root_, progress, setting=(), out=None):
+        if progress is None:  # the skip path reads the finished status
+            return {**compare.finished(out, ns_.cf, compare.run_overrides(ns_, method, seed, setting)), "skipped": True}
+        started.append((method, seed))
+        return {"status": "failed", "error": "not run in this test", "wall_seconds": 0.0}
+    monkeypatch.setattr(compare, "launch", fake_launch)
+    compare.main(argv)
+    assert started == [("FFA-LoRA", 0)]
+    assert compare.finished(root / "FedAvg-LoRA" / "seed0", None, compare.run_overrides(ns, "FedAvg-LoRA", 0))
+    # a run whose files are gone is not finished, whatever its status says
+    (root / "FedAvg-LoRA" / "seed0" / "summary.json").unlink()
+    assert compare.finished(root / "FedAvg-LoRA" / "seed0", None, compare.run_overrides(ns, "FedAvg-LoRA", 0)) is None
