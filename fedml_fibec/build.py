@@ -44,5 +44,6 @@ def build_data(cfg: RunConfig, tables, tokenizer, cache_dir: Optional[Path] = No
         source=d.data_source, dataset=d.dataset, tokenizer=tokenizer, max_length=d.max_seq_length,
         num_devices=t.client_num_in_total, partition_method=d.partition_method,
         partition_alpha=d.partition_alpha, min_samples_per_device=d.min_samples_per_device,
-        test_fraction=d.test_fraction, validation_fraction=d.validation_fraction, seed=cfg.common_args.random_seed, max_train_samples=d.max_train_samples,
+        test_fraction=d.test_fraction, validation_fraction=d.validation_fraction,
+        personal_eval_fraction=cfg.validation_args.personal_eval_fraction, seed=cfg.common_args.random_seed, max_train_samples=d.max_train_samples,
         tables=tables, encode_cache_dir=cache_dir)

@@ -74,7 +74,8 @@ def run_federation(cfg: RunConfig, out_dir: Path, num_processes: int | None = No
         for slot, dev in enumerate(devices):
             process = processes[assign(exchange, slot) if assign else slot]
             state = store.load(dev)
-            uploads.append(process.run(download, dev, fd.train[dev].data, state, CPU, eval_set=eval_set))
+            uploads.append(process.run(download, dev, fd.train[dev].data, state, CPU, eval_set=eval_set,
+                                       personal_set=fd.train[dev].heldout))
             store.save(dev, state)
         record = server.aggregate(uploads)
         if record is not None:

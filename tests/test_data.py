@@ -389,6 +389,19 @@ def test_validation_split_is_held_out_of_train_test_and_every_device(tmp_path):
     assert plain.validation is None and plain.train_num == 240 and _rows(plain.test) == test
 
 
+def test_personal_held_out_samples_come_from_the_device_and_are_not_trained_on(tmp_path):
+    path = _unique_rows(tmp_path)
+    plain = _fd(tmp_path, train_file=path, min_samples_per_device=3)
+    held = _fd(tmp_path, train_file=path, min_samples_per_device=3, personal_eval_fraction=0.25)
+    for a, b in zip(plain.train, held.train):
+        whole, train, out = set(_rows(a.data)), set(_rows(b.data)), set(_rows(b.heldout))
+        assert not train & out and train | out == whole  # the device's own samples, split
+        assert len(out) == min(len(whole) - 1, max(1, round(0.25 * len(whole))))
+    again = _fd(tmp_path, train_file=path, min_samples_per_device=3, personal_eval_fraction=0.25)
+    assert all(_rows(a.heldout) == _rows(b.heldout) for a, b in zip(held.train, again.train))  # seeded
+    assert all(d.heldout is None for d in plain.train) and _rows(plain.test) == _rows(held.test)
+
+
 def test_build_federated_data_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="train_file"):
         _fd(tmp_path, train_file=None)

@@ -161,3 +161,26 @@ def test_reduction_to_fedavg_lora_holds_with_epoch_based_work(tiny_assets, tmp_p
     a, b = globals_of(fedavg), globals_of(fibec)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_personalised_accuracy_is_the_device_model_on_its_own_held_out_samples(tiny_assets, tmp_path):
+    """FedAvg-LoRA shares every tensor, so the upload is the device's whole trained model: evaluated on
+    that device's held-out samples it gives the personal accuracy the device reported."""
+    from fedml_fibec.core.local import evaluate
+    from fedml_fibec.models import load_trainable_state
+
+    model_dir, csv = tiny_assets
+    fed = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg", "personal_eval_fraction=0.25",
+                                     "comm_round=1"), tmp_path / "p")
+    model = fed.server.model
+    for up in fed.last_uploads:
+        d = fed.data.train[up.device_id]
+        assert d.heldout is not None and len(d.heldout) >= 1
+        load_trainable_state(model, {**fed.server.global_tensors, **{k: v.float() for k, v in up.tensors.items()}})
+        acc, _ = evaluate(model, d.heldout, batch_size=32, device=torch.device("cpu"))
+        assert up.stats["personal_accuracy"] == acc
+    record = fed.records[-1]
+    assert record["personal_accuracy"] == sum(u.stats["personal_accuracy"] for u in fed.last_uploads) / len(
+        fed.last_uploads)
+    off = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg", "comm_round=1"), tmp_path / "o")
+    assert off.records[-1]["personal_accuracy"] is None and all(d.heldout is None for d in off.data.train)

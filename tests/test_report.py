@@ -85,7 +85,7 @@ def test_csv_markdown_and_plots(comparison):
     assert table["FedML-FedNova"]["status"] == "failed" and table["FedML-FedNova"]["final_acc_mean"] == ""
     md = (comparison / "compare.md").read_text()
     assert md.startswith("# header")
-    assert "| FibecFed | 0.6717 ± 0.0165 | 0.7250 ± 0.0354 | - | 0.8500 ± 0.0707 | 2.0 ± 0.0 (2/2) | 12 ± 3 | - |" in md
+    assert "| FibecFed | 0.6717 ± 0.0165 | 0.7250 ± 0.0354 | - | - | 0.8500 ± 0.0707 | 2.0 ± 0.0 (2/2) | 12 ± 3 | - |" in md
     assert "**failed**: seed 0: exit code 1: boom" in md
     assert "0.6650" in md
     for path in plot_curves(runs, comparison, target):

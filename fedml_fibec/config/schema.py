@@ -129,6 +129,10 @@ class ValidationArgs:
     eval_batch_size: int = option(64, "Batch size for evaluation.", check=at_least(1))
     device_eval_samples: int = option(128, "Global-test samples each participating device evaluates its own "
                                       "model on (0 = skip device accuracy).", check=at_least(0, "0 or more"))
+    personal_eval_fraction: float = option(0.0, "Share of each device's own data it holds out (seeded, never "
+                                           "trained on) to score its own model after local training: the "
+                                           "personalised accuracy (mean over the round's devices). 0 = off.",
+                                           check=in_interval("[0, 1)"))
 
 
 @dataclass

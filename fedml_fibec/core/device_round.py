@@ -47,7 +47,7 @@ class DeviceRound:
         self.head_names = head_parameter_names(model)
 
     def run(self, download: Download, device_id: int, data: EncodedSet, state: dict, device: torch.device,
-            eval_set: Optional[EncodedSet] = None) -> Upload:
+            eval_set: Optional[EncodedSet] = None, personal_set: Optional[EncodedSet] = None) -> Upload:
         """Serve one device for one exchange; `state` (the device's own) is updated in place."""
         started = time.time()
         for k, v in download.tensors.items():
@@ -57,7 +57,7 @@ class DeviceRound:
         if download.phase == PHASE_SCORE:
             upload = Upload(device_id, len(data), layer_scores=self._layer_scores(data, generator, device))
         else:
-            upload = self._train(download, device_id, data, state, generator, device, eval_set)
+            upload = self._train(download, device_id, data, state, generator, device, eval_set, personal_set)
         state["rng"] = generator.get_state()
         upload.reply_to = download.tag
         log.debug("device %d served in %.1fs", device_id, time.time() - started)
@@ -73,7 +73,8 @@ class DeviceRound:
 
     # 2-6. a training round --------------------------------------------------------------------------
     def _train(self, download: Download, device_id: int, data: EncodedSet, state: dict,
-               generator: torch.Generator, device, eval_set: Optional[EncodedSet]) -> Upload:
+               generator: torch.Generator, device, eval_set: Optional[EncodedSet],
+               personal_set: Optional[EncodedSet] = None) -> Upload:
         cfg, fb, tr = self.cfg, self.cfg.fibec_args, self.cfg.train_args
         round_idx = download.round
         shared = list(download.tensors)
@@ -115,11 +116,16 @@ class DeviceRound:
         if eval_set is not None:
             device_acc, _ = evaluate(self.model, eval_set, batch_size=cfg.validation_args.eval_batch_size,
                                      device=device, bf16=cfg.device_args.bf16)
+        personal_acc = None
+        if personal_set is not None:  # the device's own model on its own held-out samples
+            personal_acc, _ = evaluate(self.model, personal_set, batch_size=cfg.validation_args.eval_batch_size,
+                                       device=device, bf16=cfg.device_args.bf16)
         clock["eval_seconds"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         scores = self._layer_scores(data, generator, device) if download.rescore else None
         clock["scoring_seconds"] += time.perf_counter() - t0
-        stats = {"train_loss": loss, "device_accuracy": device_acc, "curriculum_share": n_use / n_total,
+        stats = {"train_loss": loss, "device_accuracy": device_acc, "personal_accuracy": personal_acc,
+                 "curriculum_share": n_use / n_total,
                  "local_steps": len(batches), "samples_seen": sum(len(b) for b in batches),
                  "updated_neuron_share": updated_share, **clock}
         return Upload(device_id, n_use, to_wire({k: after[k] for k in shared}, cfg.comm_args.payload_dtype),

@@ -28,6 +28,7 @@ def round_record(round_idx: int, stats: list[dict], *, devices: list[int], bytes
         "round": round_idx,
         "train_loss": mean(s.get("train_loss") for s in stats),
         "device_accuracy": mean(s.get("device_accuracy") for s in stats),
+        "personal_accuracy": mean(s.get("personal_accuracy") for s in stats),
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "curriculum_share": mean(s.get("curriculum_share", 1.0) for s in stats),

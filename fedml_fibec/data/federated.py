@@ -28,6 +28,7 @@ class DeviceData:
 
     device_id: int
     data: EncodedSet
+    heldout: EncodedSet | None = None  # the device's own held-out samples (personalised accuracy)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -120,6 +121,7 @@ def build_federated_data(
     test_fraction: float,
     seed: int,
     validation_fraction: float = 0.0,
+    personal_eval_fraction: float = 0.0,
     cache_dir: str | os.PathLike | None = None,
     train_file: str | os.PathLike | None = None,
     test_file: str | os.PathLike | None = None,
@@ -159,7 +161,7 @@ def build_federated_data(
     enc_val = None if validation is None else encode_cached(validation, tokenizer, max_length=max_length,
                                                               cache_dir=encode_cache_dir)
     fd = FederatedData(
-        train=[DeviceData(d, enc_train.subset(p)) for d, p in enumerate(parts)],
+        train=[_device_data(d, p, enc_train, personal_eval_fraction, seed) for d, p in enumerate(parts)],
         test=enc_test,
         num_classes=train.num_classes,
         label_names=list(train.label_names),
@@ -171,6 +173,19 @@ def build_federated_data(
              st["size_median"], st["size_max"], st["validation_num"], st["test_num"], fd.num_classes,
              fd.label_names, time.perf_counter() - t0)
     return fd
+
+
+def _device_data(device_id: int, part, enc_train: EncodedSet, heldout_fraction: float, seed: int) -> DeviceData:
+    """A device's samples; with heldout_fraction a seeded share of them is kept apart (at least one
+    sample each side), the same on every rank and for every method compared under one seed."""
+    part = np.asarray(part)
+    if heldout_fraction <= 0 or len(part) < 2:
+        return DeviceData(device_id, enc_train.subset(part))
+    rng = np.random.default_rng([seed, 4, device_id])
+    k = min(len(part) - 1, max(1, int(round(heldout_fraction * len(part)))))
+    perm = rng.permutation(len(part))
+    keep, held = np.sort(part[perm[k:]]), np.sort(part[perm[:k]])
+    return DeviceData(device_id, enc_train.subset(keep), enc_train.subset(held))
 
 
 def to_fedml_dataset(fd: FederatedData) -> list:

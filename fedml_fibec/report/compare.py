@@ -39,6 +39,11 @@ class RunResult:
         acc = [a for _, a in self.accuracies()][-3:]
         return sum(acc) / len(acc) if acc else None
 
+    def personal_accuracy(self) -> Optional[float]:
+        """Mean over the last three rounds of the devices' own models on their own held-out samples."""
+        acc = [r["personal_accuracy"] for r in self.records if r.get("personal_accuracy") is not None][-3:]
+        return sum(acc) / len(acc) if acc else None
+
     def validation_score(self) -> Optional[float]:
         """Mean validation accuracy of the last three evaluated rounds (runs with a validation split)."""
         val = [r["val_accuracy"] for r in self.records if r.get("val_accuracy") is not None][-3:]
@@ -140,7 +145,7 @@ def target_accuracy(runs: Sequence[RunResult], *, reference: Sequence[str] = ("F
 COLUMNS = (
     "method", "status", "seeds_ok", "seeds",
     "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "device_acc_mean", "device_acc_std",
-    "val_acc_mean", "val_acc_std", "compute_s_mean", "compute_s_std", "majority_share", "at_majority",
+    "val_acc_mean", "val_acc_std", "personal_acc_mean", "personal_acc_std", "compute_s_mean", "compute_s_std", "majority_share", "at_majority",
     "target_reached", "rounds_to_target_mean", "rounds_to_target_std",
     "seconds_to_target_mean", "seconds_to_target_std",
     "mb_up_mean", "mb_up_std", "mb_down_mean", "mb_down_std", "sec_per_round_mean", "sec_per_round_std",
@@ -167,6 +172,7 @@ def compare_rows(runs: Sequence[RunResult], target: Optional[float]) -> list[dic
             ("mb_down", [r.total_mb("bytes_down") for r in good]),
             ("sec_per_round", [r.seconds_per_round() for r in good]),
             ("val_acc", [r.validation_score() for r in good]),
+            ("personal_acc", [r.personal_accuracy() for r in good]),
             ("compute_s", [r.device_compute_seconds() for r in good]),
         ):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_spread(values)
@@ -204,14 +210,14 @@ def _pm(mean: Optional[float], std: Optional[float], spec: str) -> str:
 def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: str) -> str:
     """The comparison as a Markdown table with a short legend."""
     lines = [
-        "| method | final acc | best acc | val acc | device acc | rounds to target | s to target | device compute s "
-        "| MB up | MB down | s/round | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | final acc | best acc | val acc | personal acc | device acc | rounds to target | s to target "
+        "| device compute s | MB up | MB down | s/round | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] == "failed":
             err = (r["error"] or "").replace("|", "/").replace("\n", " ")
-            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | | | 0/{r['seeds']} |")
+            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | | | | 0/{r['seeds']} |")
             continue
         reached = r["target_reached"] or "-"
         mark = " (majority class)" if r.get("at_majority") else ""
@@ -219,6 +225,7 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
             f"| {r['method']}{mark} | {_pm(r['final_acc_mean'], r['final_acc_std'], '.4f')} "
             f"| {_pm(r['best_acc_mean'], r['best_acc_std'], '.4f')} "
             f"| {_pm(r.get('val_acc_mean'), r.get('val_acc_std'), '.4f')} "
+            f"| {_pm(r.get('personal_acc_mean'), r.get('personal_acc_std'), '.4f')} "
             f"| {_pm(r['device_acc_mean'], r['device_acc_std'], '.4f')} "
             f"| {_pm(r['rounds_to_target_mean'], r['rounds_to_target_std'], '.1f')} ({reached}) "
             f"| {_pm(r['seconds_to_target_mean'], r['seconds_to_target_std'], '.0f')} "
@@ -231,7 +238,8 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
         "target average the seeds that reached it (reached/successful seeds in brackets).",
         "Values are mean ± sample standard deviation over seeds (no ± with one seed). Final acc is the mean test "
         "accuracy of the last three evaluated rounds, val acc the same on the validation split (what tuning "
-        "chooses by; - without one). Device compute s is scoring + local training summed over devices and "
+        "chooses by; - without one). Personal acc: each round's devices' own models on their own held-out "
+        "samples (personal_eval_fraction), mean of the last three rounds. Device compute s is scoring + local training summed over devices and "
         "rounds. MB are tensor payload megabytes summed over rounds and devices; s/round is the mean round "
         "time on the server. (majority class): the best accuracy is within 0.5 points of the largest test "
         "class's share.",

@@ -40,7 +40,7 @@ class FibecClientTrainer(ClientTrainer):
     def train(self, train_data: DeviceData, device, args):
         state = self.store.load(train_data.device_id)
         self.upload = self.device_round.run(self.download, train_data.device_id, train_data.data, state, device,
-                                            eval_set=self._device_eval_set())
+                                            eval_set=self._device_eval_set(), personal_set=train_data.heldout)
         self.store.save(train_data.device_id, state)
 
     def test(self, test_data, device, args):

@@ -116,11 +116,15 @@ class BaselineClientTrainer(ClientTrainer):
         self.store.save(train_data.device_id, state)
         train_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        device_acc = None
+        device_acc = personal_acc = None
         if self.eval_set is not None:
             device_acc, _ = evaluate(self.model, self.eval_set, batch_size=cfg.validation_args.eval_batch_size,
                                      device=device, bf16=cfg.device_args.bf16)
+        if train_data.heldout is not None:  # the device's model on its own held-out samples
+            personal_acc, _ = evaluate(self.model, train_data.heldout, batch_size=cfg.validation_args.eval_batch_size,
+                                       device=device, bf16=cfg.device_args.bf16)
         return {"device_id": train_data.device_id, "train_loss": loss, "device_accuracy": device_acc,
+                "personal_accuracy": personal_acc,
                 "num_samples": len(train_data), "train_seconds": train_seconds,
                 "eval_seconds": time.perf_counter() - t0, "local_steps": len(batches),
                 "samples_seen": sum(len(b) for b in batches)}
