@@ -4,6 +4,7 @@
 Per model, on one batch (default 32 MR snippets padded to 64 tokens, LoRA r=8 on q/v as in the runs):
   embedding_onepass  fedml_fibec.algorithm.embedding_fisher_scores (one batched backward)
   lora_onepass       lora_fisher_scores (one batched backward + per-sample einsum)
+  logits_onepass     logit_fisher_scores (closed form from one forward pass, no backward)
   embedding_loop     per_sample_fisher_scores(wrt="embeddings"): one unpadded sample at a time (reference)
   lora_loop          per_sample_fisher_scores(wrt="lora")
   train_fwd_bwd      one plain training forward + cross-entropy + backward over the same batch (LoRA + head
@@ -24,7 +25,8 @@ from common import base_parser, context, emit, lora_model, loadavg, paired_ratio
 import torch
 from torch import nn
 
-from fedml_fibec.algorithm import embedding_fisher_scores, lora_fisher_scores, per_sample_fisher_scores
+from fedml_fibec.algorithm import embedding_fisher_scores, logit_fisher_scores, lora_fisher_scores, \
+    per_sample_fisher_scores
 
 TARGETS = {"embedding_speedup_vs_loop_min": 10.0, "embedding_vs_train_max": 1.3, "lora_speedup_vs_loop_min": 5.0}
 
@@ -54,6 +56,7 @@ def bench_dataset(name: str, model, tokenizer, args) -> None:
     fns = {
         "dataset_embedding_onepass": lambda: [embedding_fisher_scores(model, *b) for b in batches],
         "dataset_lora_onepass": lambda: [lora_fisher_scores(model, *b) for b in batches],
+        "dataset_logits_onepass": lambda: [logit_fisher_scores(model, *b) for b in batches],
         "dataset_train_fwd_bwd": lambda: [train_fwd_bwd(model, *b) for b in batches],
         "dataset_embedding_loop": lambda: per_sample_fisher_scores(model, ids, mask, labels, wrt="embeddings"),
         "dataset_lora_loop": lambda: per_sample_fisher_scores(model, ids, mask, labels, wrt="lora"),
@@ -72,6 +75,7 @@ def bench_dataset(name: str, model, tokenizer, args) -> None:
           "embedding_speedup_vs_loop": ratio(med["dataset_embedding_loop"], emb),
           "lora_speedup_vs_loop": ratio(med["dataset_lora_loop"], lora),
           "embedding_vs_train": ratio(emb, train), "lora_vs_train": ratio(lora, train),
+          "logits_vs_train": ratio(med["dataset_logits_onepass"], train),
           "targets": {"embedding_speedup_vs_loop>=10": ratio(med["dataset_embedding_loop"], emb) >= 10,
                       "embedding_vs_train<=1.3": ratio(emb, train) <= 1.3,
                       "lora_speedup_vs_loop>=5": ratio(med["dataset_lora_loop"], lora) >= 5}})
@@ -91,6 +95,7 @@ def bench_model(name: str, args) -> None:
     fns = {
         "embedding_onepass": lambda: embedding_fisher_scores(model, ids, mask, labels),
         "lora_onepass": lambda: lora_fisher_scores(model, ids, mask, labels),
+        "logits_onepass": lambda: logit_fisher_scores(model, ids, mask, labels),
         "train_fwd_bwd": lambda: train_fwd_bwd(model, ids, mask, labels),
     }
     if not args.skip_loop:
@@ -109,7 +114,8 @@ def bench_model(name: str, args) -> None:
     summary = {**common, "what": "summary", "model_load_s": round(load_s, 2),
                "embedding_vs_train": ratio(med["embedding_onepass"], med["train_fwd_bwd"]),
                "embedding_vs_train_paired": paired_ratio_median(times["embedding_onepass"], times["train_fwd_bwd"]),
-               "lora_vs_train": ratio(med["lora_onepass"], med["train_fwd_bwd"])}
+               "lora_vs_train": ratio(med["lora_onepass"], med["train_fwd_bwd"]),
+               "logits_vs_train": ratio(med["logits_onepass"], med["train_fwd_bwd"])}
     if not args.skip_loop:
         summary.update(
             embedding_speedup_vs_loop=ratio(med["embedding_loop"], med["embedding_onepass"]),

@@ -342,7 +342,7 @@ def tuning_markdown(choices: dict[str, dict], ns: argparse.Namespace, majority: 
     lines = ["## Tuning", "",
              f"Grid: `{ns.tune}`; one run per point at seed {ns.tune_seed}; score = mean validation accuracy of the "
              "last three evaluated rounds (the test set is never read to choose). Chosen point in bold.", "",
-             "| method | setting | validation score | test final acc (not used) |", "|---|---|---|---|"]
+             "| method | setting | validation score | test acc, last round (not used) |", "|---|---|---|---|"]
     for method, c in choices.items():
         for row in c["points"]:
             chosen = row["slug"] == c["slug"]
@@ -385,7 +385,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     jobs = Jobs(ns, root, total)
     choices = None
     if grids:
-        choices = tune(ns, methods, grids, root, None if ns.report_only else jobs)
+        try:
+            choices = tune(ns, methods, grids, root, None if ns.report_only else jobs)
+        except ConfigError as exc:
+            print(f"compare_baselines: {exc}", file=sys.stderr)
+            return 2
         missing = [m for m in methods if choices[m]["setting"] is None]
         if missing and not ns.report_only:
             print(f"compare_baselines: no grid point of {missing} has a validation score (see their runs under "

@@ -24,7 +24,7 @@ def run_json(*args: str, timeout: int = 120) -> list[dict]:
 def test_bench_fisher_quick():
     records = run_json(str(BENCH / "bench_fisher.py"), "--quick", "--models", "tiny-bert", "--repeats", "1")
     timed = {r["what"]: r for r in records if "median_s" in r}
-    assert {"embedding_onepass", "lora_onepass", "train_fwd_bwd", "embedding_loop", "lora_loop",
+    assert {"embedding_onepass", "lora_onepass", "logits_onepass", "train_fwd_bwd", "embedding_loop", "lora_loop",
             "dataset_embedding_onepass", "dataset_embedding_loop", "dataset_train_fwd_bwd"} <= set(timed)
     for r in timed.values():
         assert r["min_s"] <= r["median_s"] <= r["max_s"] and r["threads"] == 1

@@ -184,3 +184,25 @@ def test_personalised_accuracy_is_the_device_model_on_its_own_held_out_samples(t
         fed.last_uploads)
     off = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg", "comm_round=1"), tmp_path / "o")
     assert off.records[-1]["personal_accuracy"] is None and all(d.heldout is None for d in off.data.train)
+
+
+def test_gal_chosen_after_warm_up_rounds_from_the_trained_model(tiny_assets, tmp_path):
+    """gal_warmup_rounds=2: no scoring exchange; rounds 0-1 share every block, round 1's uploads carry
+    layer scores of the trained model, and from round 2 only the chosen GAL travels."""
+    from fedml_fibec.core.server_round import exchanges_of
+    from fedml_fibec.errors import ConfigError
+
+    model_dir, csv = tiny_assets
+    cfg = tiny_config(model_dir, csv, "gal_warmup_rounds=2", "comm_round=4", "gal_ratio=0.5")
+    assert exchanges_of(cfg) == 4  # the training rounds only
+    fed = run_federation(cfg, tmp_path / "w")
+    every = list(range(fed.server.num_blocks))
+    gals = [r["gal"] for r in fed.records]
+    assert gals[0] == gals[1] == every and "gal_next" in fed.records[1] and "gal_next" not in fed.records[0]
+    assert gals[2] == gals[3] == fed.records[1]["gal_next"] and len(gals[2]) < len(every)
+    assert fed.records[2]["bytes_up"] < fed.records[1]["bytes_up"]
+    plain = tiny_config(model_dir, csv, "comm_round=4")
+    assert exchanges_of(plain) == 5  # the scoring exchange before round 0
+    import pytest
+    with pytest.raises(ConfigError, match="gal_warmup_rounds = 4: expected fewer than comm_round"):
+        tiny_config(model_dir, csv, "gal_warmup_rounds=4", "comm_round=4")

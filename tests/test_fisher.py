@@ -6,13 +6,14 @@ from tiny import tiny_batch, tiny_model, tiny_texts, tiny_tokenizer
 
 from fedml_fibec.algorithm.fisher import (
     embedding_fisher_scores,
+    logit_fisher_scores,
     lora_fisher_scores,
     per_sample_fisher_scores,
     score_dataset,
 )
 
 TARGETS = {"bert": ["query", "value"], "roberta": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
-ONE_PASS = {"embeddings": embedding_fisher_scores, "lora": lora_fisher_scores}
+ONE_PASS = {"embeddings": embedding_fisher_scores, "lora": lora_fisher_scores, "logits": logit_fisher_scores}
 RTOL = 1e-5
 _cache = {}
 
@@ -42,7 +43,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs() / b.abs().clamp(min=1e-30)).max().item()
 
 
-CASES = [(f, w) for f in ("bert", "llama") for w in ("embeddings", "lora")] + [("gpt2", "lora"), ("roberta", "lora")]
+CASES = [(f, w) for f in ("bert", "llama") for w in ("embeddings", "lora", "logits")] + [
+    ("gpt2", "lora"), ("roberta", "lora"), ("gpt2", "logits")]
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "true"])
@@ -59,7 +61,7 @@ def test_one_pass_matches_loop_right_padding(family, wrt, fisher):
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "true"])
-@pytest.mark.parametrize("wrt", ["embeddings", "lora"])
+@pytest.mark.parametrize("wrt", ["embeddings", "lora", "logits"])
 def test_llama_left_and_right_padding_match_unpadded(wrt, fisher):
     # Llama uses rotary (relative) positions and pools the last real token, so padding on either
     # side must leave every sample's score as it is unpadded.
@@ -71,7 +73,7 @@ def test_llama_left_and_right_padding_match_unpadded(wrt, fisher):
     assert rel_err(ONE_PASS[wrt](model, ids_l, mask_l, labels, fisher=fisher), ref) < RTOL
 
 
-@pytest.mark.parametrize("wrt", ["embeddings", "lora"])
+@pytest.mark.parametrize("wrt", ["embeddings", "lora", "logits"])
 def test_bert_left_padding_samples_do_not_interact(wrt):
     # BERT pools position 0 and has absolute positions, so left padding changes the model's own
     # output; what must still hold is that a batch scores each sample as it would alone.
@@ -82,7 +84,7 @@ def test_bert_left_padding_samples_do_not_interact(wrt):
     assert rel_err(got, alone) < RTOL
 
 
-@pytest.mark.parametrize("wrt", ["embeddings", "lora"])
+@pytest.mark.parametrize("wrt", ["embeddings", "lora", "logits"])
 def test_true_fisher_is_expectation_over_classes(wrt):
     model = lora_model("bert", num_labels=3)
     ids, mask, labels = batch(num_labels=3)
@@ -96,7 +98,7 @@ def test_true_fisher_is_expectation_over_classes(wrt):
     assert rel_err(per_sample_fisher_scores(model, ids, mask, labels, wrt=wrt, fisher="true"), expected) < RTOL
 
 
-@pytest.mark.parametrize("wrt", ["embeddings", "lora"])
+@pytest.mark.parametrize("wrt", ["embeddings", "lora", "logits"])
 def test_token_normalisation_divides_by_real_tokens(wrt):
     model = lora_model("bert")
     ids, mask, labels = batch()
@@ -107,7 +109,7 @@ def test_token_normalisation_divides_by_real_tokens(wrt):
     assert rel_err(per_token, ref) < RTOL
 
 
-@pytest.mark.parametrize("wrt", ["embeddings", "lora"])
+@pytest.mark.parametrize("wrt", ["embeddings", "lora", "logits"])
 def test_score_dataset_batching_equals_one_batch(wrt):
     model = lora_model("llama")
     ids, mask, labels = batch(n=7)

@@ -122,3 +122,59 @@ def test_sparse_update_rejects_mismatched_masks():
         SparseUpdate({"p": p}, {"p": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="missing"):
         SparseUpdate({"p": p}, {})
+
+
+def test_select_top_neurons_per_module_keeps_each_modules_share():
+    scores = {"a": torch.tensor([9.0, 8.0, 7.0, 6.0]), "b": torch.tensor([0.1, 0.3, 0.2, 0.0])}
+    joint = select_top_neurons(scores, 0.5)
+    assert joint["a"].tolist() == [True] * 4 and not joint["b"].any()  # jointly, the big module wins
+    per = select_top_neurons(scores, 0.5, per_module=True)
+    assert per["a"].tolist() == [True, True, False, False] and per["b"].tolist() == [False, True, True, False]
+
+
+@pytest.mark.parametrize("ranking", ["global", "per_module"])
+def test_second_reading_trains_only_selected_gal_rows_and_freezes_the_rest(tiny_assets, ranking):
+    """sparse_target=gal, two participations of each device in the trainer's own path: in the second,
+    every unselected GAL LoRA row comes back bit-identical to what the server sent, and the non-GAL
+    LoRA tensors never move from their initial values."""
+    from harness import CPU, build_data, build_model, tiny_config
+
+    from fedml_fibec.core.device_round import DeviceRound
+    from fedml_fibec.core.server_round import ServerRound
+    from fedml_fibec.models import head_parameter_names, trainable_state_dict
+
+    model_dir, csv = tiny_assets
+    cfg = tiny_config(model_dir, csv, "sparse_target=gal", "rho=0.25", f"neuron_ranking={ranking}",
+                      "client_num_in_total=2", "client_num_per_round=2", "comm_round=3", "g0=1")
+    server_model, tok = build_model(cfg)
+    fd = build_data(cfg, tok)
+    server = ServerRound(server_model, cfg, fd.test, CPU)
+    initial = {k: v.detach().clone() for k, v in trainable_state_dict(build_model(cfg)[0]).items()}
+    device_round = DeviceRound(build_model(cfg)[0], cfg)
+    states = {0: {}, 1: {}}
+
+    def exchange():
+        download = server.download()
+        uploads = [device_round.run(download, d, fd.train[d].data, states[d], CPU) for d in (0, 1)]
+        server.aggregate(uploads)
+        return download, uploads
+
+    exchange()  # scoring: the GAL
+    heads = set(head_parameter_names(server_model))
+    exchange()  # first participation: no scores yet, the GAL's LoRA trains densely and gets scored
+    momentum = {d: dict(states[d]["momentum"]) for d in (0, 1)}
+    download, uploads = exchange()  # second participation: sparse
+    gal_lora = [k for k in download.tensors if k not in heads]
+    assert gal_lora and set(momentum[0]) == set(gal_lora)
+    for d, up in zip((0, 1), uploads):
+        masks = select_top_neurons(momentum[d], 0.25, per_module=ranking == "per_module")
+        moved = 0
+        for k in gal_lora:
+            keep = ~masks[k]
+            assert torch.equal(up.tensors[k][keep], download.tensors[k][keep]), (d, k)
+            moved += int((up.tensors[k][masks[k]] != download.tensors[k][masks[k]]).any())
+        assert moved > 0  # the selected rows did train
+        assert 0 < up.stats["updated_neuron_share"] <= 0.25 + 1e-9 or ranking == "per_module"
+        local = states[d]["local"]
+        assert local and set(local).isdisjoint(download.tensors)
+        assert all(torch.equal(local[k], initial[k]) for k in local)  # the non-GAL LoRA never trained

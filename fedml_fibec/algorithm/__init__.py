@@ -4,7 +4,8 @@ Nothing here imports fedml or the rest of the package, so it can be tested and r
 """
 from .aggregate import PayloadError, check_payload, payload_bytes, weighted_average
 from .curriculum import curriculum_batches, curriculum_size, easiest_first, local_batches, local_step_count, pacing
-from .fisher import embedding_fisher_scores, lora_fisher_scores, per_sample_fisher_scores, score_dataset
+from .fisher import (embedding_fisher_scores, logit_fisher_scores, lora_fisher_scores, per_sample_fisher_scores,
+                     score_dataset)
 from .layer_selection import (
     grad_sensitivity_layer_scores,
     perturbation_layer_scores,
@@ -22,7 +23,7 @@ from .sparse import (
 __all__ = [
     "PayloadError", "check_payload", "payload_bytes", "weighted_average",
     "curriculum_batches", "curriculum_size", "easiest_first", "local_batches", "local_step_count", "pacing",
-    "embedding_fisher_scores", "lora_fisher_scores", "per_sample_fisher_scores", "score_dataset",
+    "embedding_fisher_scores", "logit_fisher_scores", "lora_fisher_scores", "per_sample_fisher_scores", "score_dataset",
     "grad_sensitivity_layer_scores", "perturbation_layer_scores", "select_gal", "weighted_mean_scores",
     "SparseUpdate", "squared_grad_hooks", "momentum_update", "neuron_scores", "select_top_neurons",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-WRT = ("embeddings", "lora")
+WRT = ("embeddings", "lora", "logits")
 FISHER = ("empirical", "true")
 NORMALIZE = ("none", "tokens")
 
@@ -129,6 +129,34 @@ def embedding_fisher_scores(
     return _normalize(scores, attention_mask, normalize)
 
 
+def logit_fisher_scores(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    *,
+    fisher: str = "empirical",
+    normalize: str = "none",
+) -> Tensor:
+    """Trace of each sample's Fisher w.r.t. its logits z, in closed form from one forward pass (no backward).
+
+    grad_z log p(y|x) = e_y - p, so the empirical trace is ||e_y - p||^2 = 1 - 2 p_y + sum_c p_c^2 and
+    the true one, its expectation over y ~ p, is 1 - sum_c p_c^2.
+    """
+    _check_options("logits", fisher, normalize)
+    device = model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    with eval_mode(model), torch.no_grad():
+        probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask).exp()
+    sum_sq = probs.square().sum(dim=1)
+    if fisher == "empirical":
+        p_y = probs.gather(1, labels.reshape(-1, 1).to(device)).squeeze(1)
+        scores = 1.0 - 2.0 * p_y + sum_sq
+    else:
+        scores = 1.0 - sum_sq
+    return _normalize(scores, attention_mask, normalize)
+
+
 def lora_fisher_scores(
     model: nn.Module,
     input_ids: Tensor,
@@ -224,6 +252,10 @@ def per_sample_fisher_scores(
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
                 log_probs = _log_probs(model, inputs_embeds=emb, attention_mask=mask)
                 targets = [emb]
+            elif wrt == "logits":  # autograd through log-softmax from the logits as a leaf
+                logits = model(input_ids=ids, attention_mask=mask).logits.detach().float().requires_grad_(True)
+                log_probs = torch.log_softmax(logits, dim=-1)
+                targets = [logits]
             else:
                 log_probs = _log_probs(model, input_ids=ids, attention_mask=mask)
                 targets = params
@@ -252,7 +284,7 @@ def score_dataset(
     _check_options(wrt, fisher, normalize)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    fn = embedding_fisher_scores if wrt == "embeddings" else lora_fisher_scores
+    fn = {"embeddings": embedding_fisher_scores, "lora": lora_fisher_scores, "logits": logit_fisher_scores}[wrt]
     parts = [
         fn(model, input_ids[i:i + batch_size], attention_mask[i:i + batch_size], labels[i:i + batch_size],
            fisher=fisher, normalize=normalize)

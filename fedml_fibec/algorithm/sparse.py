@@ -49,8 +49,9 @@ def momentum_update(prev: Mapping[str, Tensor] | None, new: Mapping[str, Tensor]
     return out
 
 
-def select_top_neurons(scores: Mapping[str, Tensor], rho: float) -> dict[str, Tensor]:
-    """Row masks keeping the top ceil(rho * total rows) neurons ranked jointly across all modules.
+def select_top_neurons(scores: Mapping[str, Tensor], rho: float, per_module: bool = False) -> dict[str, Tensor]:
+    """Row masks keeping the top ceil(rho * total rows) neurons ranked jointly across all modules, or
+    with per_module the top ceil(rho * rows) of every module on its own.
 
     Ties go to the earlier module (mapping order), then the lower row.
     """
@@ -58,6 +59,8 @@ def select_top_neurons(scores: Mapping[str, Tensor], rho: float) -> dict[str, Te
         raise ValueError(f"rho must be in [0, 1], got {rho}")
     if not scores:
         return {}
+    if per_module:
+        return {n: select_top_neurons({n: s}, rho)[n] for n, s in scores.items()}
     names = list(scores)
     sizes = [scores[n].numel() for n in names]
     device = scores[names[0]].device

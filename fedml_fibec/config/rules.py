@@ -141,6 +141,13 @@ def _check_gal(cfg: RunConfig) -> None:
              f"exactly one of gal_ratio ({fb.gal_ratio}) and gal_mass to be set (set the other to null)", cfg.source)
 
 
+def _check_gal_warmup(cfg: RunConfig) -> None:
+    """A warm-up must end before the last round, or no GAL is ever chosen."""
+    w, n = cfg.fibec_args.gal_warmup_rounds, cfg.train_args.comm_round
+    _require(w < n, "gal_warmup_rounds", w, f"fewer than comm_round ({n}) rounds (the GAL is chosen after them)",
+             cfg.source)
+
+
 def _check_local_work(cfg: RunConfig) -> None:
     """Local work is epochs over the samples in use, or a fixed number of steps: one of them must be set."""
     t = cfg.train_args
@@ -150,7 +157,7 @@ def _check_local_work(cfg: RunConfig) -> None:
 
 
 CROSS_RULES = (_check_data, _check_sampling, _check_engine, _check_workers, _check_gpu_mapping, _check_backend,
-               _check_gal, _check_local_work)
+               _check_gal, _check_local_work, _check_gal_warmup)
 
 
 def validate(cfg: RunConfig) -> None:

@@ -185,8 +185,9 @@ class TrackingArgs:
 
 @dataclass
 class FibecArgs:
-    wrt: str = option("embeddings", "Fisher difficulty with respect to input embeddings or LoRA tensors.",
-                      ("embeddings", "lora"))
+    wrt: str = option("embeddings", "Fisher difficulty with respect to input embeddings or LoRA tensors (one "
+                      "backward pass), or the logits (closed form from one forward pass: the cheap score).",
+                      ("embeddings", "lora", "logits"))
     normalize: str = option("none", "Divide a sample's Fisher trace by its token count.", ("none", "tokens"))
     fisher: str = option("empirical", "empirical: given label; true: expectation over the model's labels.",
                          ("empirical", "true"))
@@ -211,9 +212,21 @@ class FibecArgs:
                                        "the total layer score.", check=in_interval("(0, 1]"))
     reselect_every: int = option(0, "Re-select the GAL every N rounds (0 = once).",
                                  check=at_least(0, "0 (once) or more"))
+    gal_warmup_rounds: int = option(0, "Rounds trained with every block global before the GAL is chosen from the "
+                                    "trained model's layer scores (sent with the last warm-up round's uploads); "
+                                    "0 = choose it before any training, in a scoring exchange.",
+                                    check=at_least(0, "0 (no warm-up) or more"))
     beta: float = option(0.9, "Momentum of the neuron scores.", check=in_interval("[0, 1)"))
-    rho: float = option(0.25, "Share of non-GAL neurons updated in a device's participation.",
-                        check=in_interval("(0, 1]"))
+    rho: float = option(0.25, "Share of the sparse-trained neurons (see sparse_target) updated in a device's "
+                        "participation.", check=in_interval("(0, 1]"))
+    sparse_target: str = option("local", "Which LoRA tensors the sparse update trains. local: the device-local "
+                                "(non-GAL) ones, the GAL's densely (our first reading); gal: the GAL's LoRA "
+                                "sparsely and the non-GAL LoRA frozen, so nothing is trained that the global model "
+                                "does not see (second reading; docs/ALGORITHM.md).", ("local", "gal"))
+    neuron_ranking: str = option("global", "How neurons compete for the sparse update. global: jointly over all "
+                                 "modules (an A row sums hidden-size squared gradients, a B row r of them, so this "
+                                 "mostly ranks module types); per_module: the top rho of each module.",
+                                 ("global", "per_module"))
     state_dir: Optional[str] = option(None, "Per-device state store (shared by all ranks); "
                                       "none = <out>/device_state.")
 

@@ -99,12 +99,19 @@ class DeviceRound:
                                                                        epochs=tr.epochs, max_steps=tr.local_steps))
 
         t0 = time.perf_counter()
-        loss, sq_grads, updated_share = self._train_steps(round_idx, data, batches, local_keys, state, device)
+        if self.method.fibec and fb.sparse_target == "gal":
+            # Second reading: the GAL's LoRA trains sparsely; the device-local LoRA stays frozen.
+            heads = set(self.head_names)
+            sparse_keys, still = [k for k in shared if k not in heads], local_keys
+        else:  # first reading: the device-local (non-GAL) LoRA trains sparsely, the shared tensors densely
+            sparse_keys, still = local_keys, []
+        loss, sq_grads, updated_share = self._train_steps(round_idx, data, batches, sparse_keys, state, device,
+                                                          still=still)
         after = trainable_state_dict(self.model)
-        if local_keys:
+        if sparse_keys:
             # A module frozen this round has no new score: it keeps its momentum unchanged.
             prev = state.get("momentum", {})
-            momentum = {k: prev[k] for k in local_keys if k in prev}
+            momentum = {k: prev[k] for k in sparse_keys if k in prev}
             momentum.update(alg.momentum_update(prev, alg.neuron_scores(sq_grads), fb.beta))
             state["momentum"] = {k: v.detach().cpu() for k, v in momentum.items()}
         state["local"] = {k: after[k].detach().cpu() for k in local_keys}
@@ -131,22 +138,23 @@ class DeviceRound:
         return Upload(device_id, n_use, to_wire({k: after[k] for k in shared}, cfg.comm_args.payload_dtype),
                       layer_scores=scores, stats=stats)
 
-    def _train_steps(self, round_idx: int, data: EncodedSet, batches, local_keys: list[str], state: dict,
-                     device) -> tuple[float, dict, Optional[float]]:
-        """Local steps: shared tensors dense, device-local ones sparse; returns (loss, squared grads, share)."""
+    def _train_steps(self, round_idx: int, data: EncodedSet, batches, sparse_keys: list[str], state: dict,
+                     device, still: list[str] = ()) -> tuple[float, dict, Optional[float]]:
+        """Local steps: `sparse_keys` sparse (top neurons by momentum score), `still` frozen, the rest dense;
+        returns (loss, squared grads of the sparse tensors, share of their neurons updated)."""
         cfg, fb, tr = self.cfg, self.cfg.fibec_args, self.cfg.train_args
         params = dict(self.model.named_parameters())
-        frozen = [params[k] for k in self.method.frozen_keys(self.keys) if params[k].requires_grad]
+        frozen = [params[k] for k in [*self.method.frozen_keys(self.keys), *still] if params[k].requires_grad]
         for p in frozen:
             p.requires_grad_(False)
-        local_params = {k: params[k] for k in local_keys if params[k].requires_grad}
+        local_params = {k: params[k] for k in sparse_keys if params[k].requires_grad}
         sq_grads: dict[str, torch.Tensor] = {}
         hooks = alg.squared_grad_hooks(sq_grads, local_params)
-        sparse, updated_share = None, (1.0 if local_keys else None)
+        sparse, updated_share = None, (1.0 if sparse_keys else None)
         scored = {k: v.to(local_params[k].device) for k, v in state.get("momentum", {}).items() if k in local_params}
         if self.method.fibec and scored and fb.rho < 1:
             # Modules without a score yet (first participation, or new to the local part) train densely.
-            masks = alg.select_top_neurons(scored, fb.rho)
+            masks = alg.select_top_neurons(scored, fb.rho, per_module=fb.neuron_ranking == "per_module")
             sparse = alg.SparseUpdate({k: local_params[k] for k in masks}, masks)
             selected = sum(int(m.sum()) for m in masks.values()) + sum(
                 local_params[k].shape[0] for k in local_params if k not in masks)

@@ -55,10 +55,15 @@ def is_evaluation_round(cfg: RunConfig, round_idx: int) -> bool:
     return round_idx % cfg.validation_args.frequency_of_the_test == 0 or round_idx == cfg.train_args.comm_round - 1
 
 
+def has_scoring_exchange(cfg: RunConfig) -> bool:
+    """FibecFed selects its GAL in an exchange before round 0, unless it warms up with every block global."""
+    selects = method_of(cfg.train_args.federated_optimizer).selects_layers(cfg.fibec_args.gal_ratio)
+    return selects and cfg.fibec_args.gal_warmup_rounds == 0
+
+
 def exchanges_of(cfg: RunConfig) -> int:
     """Exchanges of a whole run: the training rounds plus FibecFed's layer-scoring exchange if any."""
-    selects = method_of(cfg.train_args.federated_optimizer).selects_layers(cfg.fibec_args.gal_ratio)
-    return cfg.train_args.comm_round + (1 if selects else 0)
+    return cfg.train_args.comm_round + (1 if has_scoring_exchange(cfg) else 0)
 
 
 class ServerRound:
@@ -75,9 +80,11 @@ class ServerRound:
         self.global_tensors = OrderedDict((k, v.detach().float().cpu().clone())
                                           for k, v in trainable_state_dict(model).items())
         self.num_blocks = num_blocks(model)
-        selects = self.method.selects_layers(cfg.fibec_args.gal_ratio)
-        self.phase = PHASE_SCORE if selects else PHASE_TRAIN
-        self.gal: Optional[list[int]] = None if selects else list(range(self.num_blocks))
+        scoring = has_scoring_exchange(cfg)
+        # Rounds with every block global before the GAL is chosen from the trained model (0: none).
+        self.warmup = cfg.fibec_args.gal_warmup_rounds if self.method.selects_layers(cfg.fibec_args.gal_ratio) else 0
+        self.phase = PHASE_SCORE if scoring else PHASE_TRAIN
+        self.gal: Optional[list[int]] = None if scoring else list(range(self.num_blocks))
         self.layer_scores: Optional[torch.Tensor] = None
         self.round = 0
         # The scoring exchange's bytes count into training round 0.
@@ -87,9 +94,9 @@ class ServerRound:
     def download(self) -> Download:
         """The message for the coming exchange (everything in the scoring exchange, then the shared part)."""
         keys = list(self.global_tensors) if self.phase == PHASE_SCORE else self.shared_keys()
-        k = self.cfg.fibec_args.reselect_every
-        rescore = self.phase == PHASE_TRAIN and k > 0 and (self.round + 1) % k == 0 \
-            and self.round + 1 < self.cfg.train_args.comm_round
+        k, nxt = self.cfg.fibec_args.reselect_every, self.round + 1
+        more = nxt < self.cfg.train_args.comm_round
+        rescore = self.phase == PHASE_TRAIN and more and ((k > 0 and nxt % k == 0) or nxt == self.warmup)
         tensors = to_wire({key: self.global_tensors[key] for key in keys}, self.cfg.comm_args.payload_dtype)
         return Download(self.round, self.phase, None if self.gal is None else list(self.gal), tensors, rescore)
 
