@@ -268,9 +268,10 @@ class Jobs:
         label = f"{method} seed {seed}" + (f" [{' '.join(setting)}]" if setting else "")
         prefix = f"[{self.count}/{self.total}] {label}"
         out = out or self.root / method / f"seed{seed}"
-        if finished(out, self.ns.cf, run_overrides(self.ns, method, seed, setting)):
+        done = finished(out, self.ns.cf, run_overrides(self.ns, method, seed, setting))
+        if done is not None:
             print(f"{prefix}: finished before, kept", flush=True)
-            return launch(method, seed, self.ns, self.root, None, setting, out)
+            return {**done, "skipped": True}
         elapsed = time.time() - self.started
         eta = "-" if not self.ran else _fmt_s(elapsed / self.ran * (self.total - self.count + 1))
         print(f"{prefix}: starting (elapsed {_fmt_s(elapsed)}, ETA {eta})", flush=True)
