@@ -22,10 +22,10 @@ CPU = torch.device("cpu")
 
 
 def tiny_config(model_dir: Path, csv: Path, *overrides: str) -> RunConfig:
-    """A small valid config over a tiny local model and CSV."""
+    """A small valid config over a tiny local model and CSV (a fixed 3 local steps unless epochs is set)."""
     base = [f"model={model_dir}", "data_source=files", f"train_file={csv}", "client_num_in_total=6",
             "client_num_per_round=2", "comm_round=3", "min_samples_per_device=8", "min_samples=8",
-            "local_steps=3", "batch_size=8", "device_eval_samples=16", "eval_batch_size=32",
+            "epochs=null", "local_steps=3", "batch_size=8", "device_eval_samples=16", "eval_batch_size=32",
             "max_seq_length=16"]
     return load_config(None, base + list(overrides))
 

@@ -206,3 +206,47 @@ def test_gal_chosen_after_warm_up_rounds_from_the_trained_model(tiny_assets, tmp
     import pytest
     with pytest.raises(ConfigError, match="gal_warmup_rounds = 4: expected fewer than comm_round"):
         tiny_config(model_dir, csv, "gal_warmup_rounds=4", "comm_round=4")
+
+
+def test_fixed_suffix_gal_has_no_scoring_exchange_and_leaves_the_blocks_below_untouched(tiny_assets, tmp_path):
+    """gal_shape=suffix with gal_ratio: the GAL is the last blocks from round 0 without any layer scores;
+    with sparse_target=gal the LoRA below it never moves, on the server or on any device."""
+    from fedml_fibec.core.server_round import exchanges_of
+    from fedml_fibec.models import trainable_state_dict
+    from harness import build_model
+
+    model_dir, csv = tiny_assets
+    cfg = tiny_config(model_dir, csv, "gal_shape=suffix", "sparse_target=gal", "gal_ratio=0.5", "comm_round=3")
+    assert exchanges_of(cfg) == 3  # training rounds only: nothing to score
+    fed = run_federation(cfg, tmp_path / "s")
+    last = fed.server.num_blocks - 1
+    assert fed.server.layer_scores is None and all(r["gal"] == [last] for r in fed.records)
+    init = {k: v.detach().float() for k, v in trainable_state_dict(build_model(cfg)[0]).items()}
+    below = [k for k in init if block_index(k) is not None and block_index(k) < last]
+    above = [k for k in init if block_index(k) == last and "lora_B" in k]
+    assert below and above
+    for k in below:
+        assert torch.equal(fed.server.global_tensors[k], init[k]), k
+    assert all(not torch.equal(fed.server.global_tensors[k], init[k]) for k in above)  # the GAL trained
+    states = [fed.store.load(d) for d in range(cfg.train_args.client_num_in_total)]
+    for s in states:
+        for k, v in s.get("local", {}).items():
+            assert torch.equal(v.float(), init[k]), k
+    # With gal_mass the suffix's length depends on the scores: the scoring exchange stays.
+    by_mass = tiny_config(model_dir, csv, "gal_shape=suffix", "gal_ratio=null", "gal_mass=0.5", "comm_round=3")
+    assert exchanges_of(by_mass) == 4
+
+
+def test_a_device_first_served_at_full_share_is_not_scored(tiny_assets, tmp_path):
+    """From round T_c on every sample is in use, so the difficulty order cannot change the draw: a device
+    first served then spends nothing on scoring and keeps no difficulty scores."""
+    model_dir, csv = tiny_assets
+    fed = run_federation(tiny_config(model_dir, csv, "g0=0.25", "T_c=1", "comm_round=3"), tmp_path / "f")
+    first: dict[int, int] = {}
+    for r in fed.records:
+        for d in r["devices"]:
+            first.setdefault(d, r["round"])
+    assert any(rnd == 0 for rnd in first.values()) and any(rnd > 0 for rnd in first.values())
+    for d, rnd in first.items():
+        assert ("difficulty" in fed.store.load(d)) == (rnd == 0), (d, rnd)
+    assert fed.records[0]["curriculum_share"] < 1 and all(r["curriculum_share"] == 1 for r in fed.records[1:])

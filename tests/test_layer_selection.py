@@ -60,6 +60,20 @@ def test_select_gal_mass():
     assert select_gal(torch.ones(4), mass=0.5) == [0, 1]
 
 
+def test_select_gal_suffix_takes_the_last_blocks_whatever_the_scores():
+    scores = torch.tensor([0.9, 0.5, 0.3, 0.1])  # the top-scoring blocks are the first ones
+    assert select_gal(scores, ratio=0.5, shape="suffix") == [2, 3]
+    assert select_gal(scores, ratio=0.3, shape="suffix") == [2, 3]  # ceil(1.2) = 2, as for scored
+    assert select_gal(scores, ratio=1.0, shape="suffix") == [0, 1, 2, 3]
+    assert select_gal(torch.ones(6), ratio=0.5, shape="suffix") == [3, 4, 5]
+    # mass: the shortest run of last blocks holding the share (total 1.8)
+    assert select_gal(scores, mass=0.05, shape="suffix") == [3]  # 0.1 >= 0.09
+    assert select_gal(scores, mass=0.4, shape="suffix") == [1, 2, 3]  # 0.4 < 0.72 <= 0.9
+    assert select_gal(scores, mass=0.6, shape="suffix") == [0, 1, 2, 3]  # 0.9 < 1.08
+    with pytest.raises(ValueError, match="shape must be 'scored' or 'suffix'"):
+        select_gal(scores, ratio=0.5, shape="top")
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"ratio": 0.5, "mass": 0.5}, {"ratio": 0.0}, {"ratio": 1.5},
                                     {"mass": 0.0}, {"mass": 2.0}])
 def test_select_gal_bad_args(kwargs):

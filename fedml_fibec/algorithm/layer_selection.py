@@ -124,11 +124,17 @@ def weighted_mean_scores(scores: Sequence[tuple[Tensor, float]]) -> Tensor:
     return acc / total_weight
 
 
-def select_gal(scores: Tensor, *, ratio: float | None = None, mass: float | None = None) -> list[int]:
-    """Sorted block indices of the GAL: top ceil(ratio * L), or the fewest top blocks holding `mass` of the total.
+def select_gal(scores: Tensor, *, ratio: float | None = None, mass: float | None = None,
+               shape: str = "scored") -> list[int]:
+    """Sorted block indices of the GAL.
 
-    Ties go to the lower index; all-zero scores under `mass` therefore select block 0 alone.
+    shape="scored" (the paper): the top ceil(ratio * L) blocks by score, or the fewest top blocks holding
+    `mass` of the total; ties go to the lower index, so all-zero scores under `mass` select block 0 alone.
+    shape="suffix": the last blocks, ceil(ratio * L) of them, or the shortest run of last blocks holding
+    `mass` of the total. With the blocks below frozen, backward then stops at the GAL's lowest block.
     """
+    if shape not in ("scored", "suffix"):
+        raise ValueError(f"shape must be 'scored' or 'suffix', got {shape!r}")
     if (ratio is None) == (mass is None):
         raise ValueError("give exactly one of ratio or mass")
     values = scores.detach().reshape(-1).double().cpu()
@@ -138,7 +144,9 @@ def select_gal(scores: Tensor, *, ratio: float | None = None, mass: float | None
     if not torch.isfinite(values).all():
         raise ValueError(f"scores must be finite, got {values.tolist()}")
     # Stable descending sort: equal scores keep index order, so ties go to the lower index.
-    order = torch.sort(values, descending=True, stable=True).indices
+    # A suffix is "ranked" from the last block down, whatever the scores.
+    order = (torch.sort(values, descending=True, stable=True).indices if shape == "scored"
+             else torch.arange(n - 1, -1, -1))
     if ratio is not None:
         if not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}")

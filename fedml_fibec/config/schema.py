@@ -95,11 +95,11 @@ class TrainArgs:
     client_num_per_round: int = option(10, "Devices sampled per round (= client processes unless worker_num "
                                        "is lower).", check=at_least(1))
     comm_round: int = option(20, "Training rounds.", check=at_least(1))
-    epochs: Optional[float] = option(None, "FedML's epochs: local passes over the samples a device uses this round "
+    epochs: Optional[float] = option(1.0, "FedML's epochs: local passes over the samples a device uses this round "
                                      "(FibecFed: its curriculum share), so local work follows that share; "
                                      "null = a fixed local_steps per round.", check=positive("null or a positive "
                                                                                              "number of passes"))
-    local_steps: Optional[int] = option(8, "Local optimizer steps per device per round when epochs is null; with "
+    local_steps: Optional[int] = option(None, "Local optimizer steps per device per round when epochs is null; with "
                                         "epochs, a cap on them (null = no cap).", check=at_least(1))
     batch_size: int = option(16, "Local minibatch size.", check=at_least(1))
     learning_rate: float = option(2e-3, "Local learning rate.", check=positive())
@@ -185,7 +185,7 @@ class TrackingArgs:
 
 @dataclass
 class FibecArgs:
-    wrt: str = option("embeddings", "Fisher difficulty with respect to input embeddings or LoRA tensors (one "
+    wrt: str = option("logits", "Fisher difficulty with respect to input embeddings or LoRA tensors (one "
                       "backward pass), or the logits (closed form from one forward pass: the cheap score).",
                       ("embeddings", "lora", "logits"))
     normalize: str = option("none", "Divide a sample's Fisher trace by its token count.", ("none", "tokens"))
@@ -210,6 +210,10 @@ class FibecArgs:
                                         check=in_interval("(0, 1]"))
     gal_mass: Optional[float] = option(None, "Instead of gal_ratio: smallest top set holding this share of "
                                        "the total layer score.", check=in_interval("(0, 1]"))
+    gal_shape: str = option("scored", "Which blocks form the GAL. scored: the top-scoring ones (the paper); "
+                            "suffix: the last ones, as many as gal_ratio asks (or the shortest run of last "
+                            "blocks holding gal_mass of the score), so that with sparse_target=gal the blocks "
+                            "below are frozen and backward stops at the GAL.", ("scored", "suffix"))
     reselect_every: int = option(0, "Re-select the GAL every N rounds (0 = once).",
                                  check=at_least(0, "0 (once) or more"))
     gal_warmup_rounds: int = option(0, "Rounds trained with every block global before the GAL is chosen from the "

@@ -87,7 +87,9 @@ class DeviceRound:
         if self.method.fibec and fb.g0 < 1:
             n_use = alg.curriculum_size(round_idx, n_total, g0=fb.g0, T_c=cfg.curriculum_rounds, p=fb.p,
                                         min_samples=fb.min_samples)
-            order = self._difficulty_order(data, state, device)
+            # With every sample in use the order cannot matter (the draw over all of them is the plain
+            # one), so a device that is due for scoring then is not scored: no compute for nothing.
+            order = self._difficulty_order(data, state, device) if n_use < n_total else torch.arange(n_total)
             clock["scoring_seconds"] = time.perf_counter() - t0
             batches = alg.curriculum_batches(order, n_use, batch_size=tr.batch_size, generator=generator,
                                              num_steps=alg.local_step_count(n_use, batch_size=tr.batch_size,

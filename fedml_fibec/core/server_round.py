@@ -55,10 +55,21 @@ def is_evaluation_round(cfg: RunConfig, round_idx: int) -> bool:
     return round_idx % cfg.validation_args.frequency_of_the_test == 0 or round_idx == cfg.train_args.comm_round - 1
 
 
+def gal_without_scores(cfg: RunConfig, blocks: int) -> Optional[list[int]]:
+    """The GAL when it needs no layer scores (a suffix of gal_ratio of the blocks), else None."""
+    fb = cfg.fibec_args
+    if fb.gal_shape != "suffix" or fb.gal_mass is not None:
+        return None
+    return alg.select_gal(torch.zeros(blocks), ratio=fb.gal_ratio, shape="suffix")
+
+
 def has_scoring_exchange(cfg: RunConfig) -> bool:
-    """FibecFed selects its GAL in an exchange before round 0, unless it warms up with every block global."""
-    selects = method_of(cfg.train_args.federated_optimizer).selects_layers(cfg.fibec_args.gal_ratio)
-    return selects and cfg.fibec_args.gal_warmup_rounds == 0
+    """FibecFed selects its GAL in an exchange before round 0, unless it warms up with every block global
+    or its GAL is a suffix of a fixed size (known without any scores: no device computes them)."""
+    fb = cfg.fibec_args
+    selects = method_of(cfg.train_args.federated_optimizer).selects_layers(fb.gal_ratio)
+    fixed_suffix = fb.gal_shape == "suffix" and fb.gal_mass is None
+    return selects and fb.gal_warmup_rounds == 0 and not fixed_suffix
 
 
 def exchanges_of(cfg: RunConfig) -> int:
@@ -84,7 +95,13 @@ class ServerRound:
         # Rounds with every block global before the GAL is chosen from the trained model (0: none).
         self.warmup = cfg.fibec_args.gal_warmup_rounds if self.method.selects_layers(cfg.fibec_args.gal_ratio) else 0
         self.phase = PHASE_SCORE if scoring else PHASE_TRAIN
-        self.gal: Optional[list[int]] = None if scoring else list(range(self.num_blocks))
+        self.gal: Optional[list[int]]
+        if scoring:
+            self.gal = None  # chosen in the scoring exchange
+        elif self.method.selects_layers(cfg.fibec_args.gal_ratio) and not self.warmup:
+            self.gal = gal_without_scores(cfg, self.num_blocks)  # a fixed-size suffix, from round 0
+        else:
+            self.gal = list(range(self.num_blocks))  # every block global (warm-up, or no selection)
         self.layer_scores: Optional[torch.Tensor] = None
         self.round = 0
         # The scoring exchange's bytes count into training round 0.
@@ -168,7 +185,7 @@ class ServerRound:
             raise FibecError("GAL selection: no device sent layer scores")
         self.layer_scores = alg.weighted_mean_scores(scored)
         fb = self.cfg.fibec_args
-        self.gal = alg.select_gal(self.layer_scores, ratio=fb.gal_ratio, mass=fb.gal_mass)
+        self.gal = alg.select_gal(self.layer_scores, ratio=fb.gal_ratio, mass=fb.gal_mass, shape=fb.gal_shape)
         log.info("GAL selected: blocks %s of %d (layer scores %s)", self.gal, self.num_blocks,
                  [round(float(x), 4) for x in self.layer_scores])
 
