@@ -136,3 +136,30 @@ def test_validation_compute_and_majority_columns(tmp_path):
     assert avg["compute_s_mean"] == pytest.approx(4 * 2 * (3.0 + 1.0))
     write_markdown(list(rows.values()), root / "compare.md", None, "none", "")
     assert "| FFA-LoRA (majority class) |" in (root / "compare.md").read_text()
+
+
+def test_collect_variants_labels_runs_of_several_comparisons_and_keeps_their_files(tmp_path):
+    """Variants of one method from separate comparison folders: one row each, target from the reference."""
+    import subprocess
+    import sys
+
+    write_run(tmp_path / "a", "FedAvg-LoRA", 0, [0.5, 0.8, 0.8])
+    write_run(tmp_path / "b", "FibecFed", 0, [0.6, 0.7, 0.76], up=250_000, secs=5.0)
+    write_run(tmp_path / "c", "FibecFed", 0, [0.5, 0.5, 0.5])
+    out = tmp_path / "table"
+    script = Path(__file__).resolve().parent.parent / "run_scripts" / "collect_variants.py"
+    cmd = [sys.executable, str(script), "--out", str(out), "--run", f"FedAvg-LoRA={tmp_path / 'a' / 'FedAvg-LoRA'}",
+           "--run", f"scored GAL={tmp_path / 'b' / 'FibecFed'}", "--run", f"suffix GAL={tmp_path / 'c' / 'FibecFed'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in csv.DictReader((out / "compare.csv").open())}
+    assert list(rows) == ["FedAvg-LoRA", "scored GAL", "suffix GAL"]
+    assert float(rows["scored GAL"]["final_acc_mean"]) == pytest.approx((0.6 + 0.7 + 0.76) / 3)
+    assert float(rows["scored GAL"]["mb_up_mean"]) == pytest.approx(0.75)
+    # target 0.95 * 0.8 = 0.76: the scored variant reaches it at its third round, the other never
+    assert rows["scored GAL"]["rounds_to_target_mean"] == "3.0" and rows["suffix GAL"]["target_reached"] == "0/1"
+    assert (out / "scored_GAL" / "seed0" / "metrics.jsonl").read_text() == (
+        tmp_path / "b" / "FibecFed" / "seed0" / "metrics.jsonl").read_text()
+    bad = subprocess.run([sys.executable, str(script), "--out", str(out), "--run", f"x={tmp_path / 'none'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "no seed*/metrics.jsonl under" in bad.stderr
