@@ -190,3 +190,23 @@ def test_tiny_comparison_under_mpirun(tiny_assets, tmp_path):
     for name in ("accuracy_vs_round.png", "accuracy_vs_seconds.png", "accuracy_vs_mb_up.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "FedML-FedProx" in (out / "compare.md").read_text()
+
+
+def test_fedml_never_takes_our_dataset_for_one_of_its_own(tiny_assets, tmp_path):
+    """data_args.dataset=stackoverflow (our text-classification task) must not send FedML's aggregators down
+    their path for FedML's StackOverflow data, which reads `test_global.dataset`."""
+    from types import SimpleNamespace
+
+    from fedml.cross_silo.server.fedml_aggregator import FedMLAggregator
+    from fedml.simulation.mpi.fedavg.FedAVGAggregator import FedAVGAggregator
+
+    from fedml_fibec.config import load_config
+
+    for method in (["training_type=cross_silo"], ["training_type=simulation", "federated_optimizer=FedAvg"]):
+        cfg = load_config(None, ["dataset=stackoverflow", *method])
+        args = fedml_arguments(cfg, 0, None, fedml_rounds=cfg.train_args.comm_round)
+        assert not args.dataset.startswith("stackoverflow") and "stackoverflow" in args.dataset
+        test_global = object()  # our test data has no `.dataset`, as in a real run
+        for cls in (FedMLAggregator, FedAVGAggregator):
+            me = SimpleNamespace(args=args, test_global=test_global)
+            assert cls._generate_validation_set(me) is test_global

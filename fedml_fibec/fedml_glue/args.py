@@ -30,6 +30,9 @@ def fedml_arguments(cfg: RunConfig, rank: int, comm: Any, *, fedml_rounds: int) 
     if cfg.common_args.training_type == "cross_silo":
         client_ids = str(list(range(1, cfg.worker_num + 1)) if rank == 0 else [rank])
     for key, value in {
+        # FedML branches on its own dataset names (`stackoverflow*` makes its aggregators sample a
+        # validation set from `test_global.dataset`); ours are not FedML's data, so FedML sees them prefixed.
+        "dataset": f"fibec-{cfg.data_args.dataset}",
         "rank": rank,
         "comm": comm,
         "client_id_list": client_ids,
