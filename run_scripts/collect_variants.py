@@ -13,6 +13,7 @@ summary.json, run.json) next to the table, so the numbers can be checked without
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             run.method = label
             runs.append(run)
         for seed_dir in sorted(folder.glob("seed*")):
-            dest = out / label.replace(" ", "_") / seed_dir.name
+            dest = out / re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_") / seed_dir.name
             dest.mkdir(parents=True, exist_ok=True)
             for name in KEPT:
                 if (seed_dir / name).is_file():
