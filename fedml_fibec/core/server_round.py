@@ -55,21 +55,16 @@ def is_evaluation_round(cfg: RunConfig, round_idx: int) -> bool:
     return round_idx % cfg.validation_args.frequency_of_the_test == 0 or round_idx == cfg.train_args.comm_round - 1
 
 
-def gal_without_scores(cfg: RunConfig, blocks: int) -> Optional[list[int]]:
-    """The GAL when it needs no layer scores (a suffix of gal_ratio of the blocks), else None."""
-    fb = cfg.fibec_args
-    if fb.gal_shape != "suffix" or fb.gal_mass is not None:
-        return None
-    return alg.select_gal(torch.zeros(blocks), ratio=fb.gal_ratio, shape="suffix")
+def gal_is_fixed_suffix(cfg: RunConfig) -> bool:
+    """A suffix GAL of gal_ratio of the blocks: known without any layer scores."""
+    return cfg.fibec_args.gal_shape == "suffix" and cfg.fibec_args.gal_mass is None
 
 
 def has_scoring_exchange(cfg: RunConfig) -> bool:
     """FibecFed selects its GAL in an exchange before round 0, unless it warms up with every block global
     or its GAL is a suffix of a fixed size (known without any scores: no device computes them)."""
-    fb = cfg.fibec_args
-    selects = method_of(cfg.train_args.federated_optimizer).selects_layers(fb.gal_ratio)
-    fixed_suffix = fb.gal_shape == "suffix" and fb.gal_mass is None
-    return selects and fb.gal_warmup_rounds == 0 and not fixed_suffix
+    selects = method_of(cfg.train_args.federated_optimizer).selects_layers(cfg.fibec_args.gal_ratio)
+    return selects and cfg.fibec_args.gal_warmup_rounds == 0 and not gal_is_fixed_suffix(cfg)
 
 
 def exchanges_of(cfg: RunConfig) -> int:
@@ -99,7 +94,8 @@ class ServerRound:
         if scoring:
             self.gal = None  # chosen in the scoring exchange
         elif self.method.selects_layers(cfg.fibec_args.gal_ratio) and not self.warmup:
-            self.gal = gal_without_scores(cfg, self.num_blocks)  # a fixed-size suffix, from round 0
+            # A fixed-size suffix (has_scoring_exchange is False only then), from round 0.
+            self.gal = alg.select_gal(torch.zeros(self.num_blocks), ratio=cfg.fibec_args.gal_ratio, shape="suffix")
         else:
             self.gal = list(range(self.num_blocks))  # every block global (warm-up, or no selection)
         self.layer_scores: Optional[torch.Tensor] = None
