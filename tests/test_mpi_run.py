@@ -49,8 +49,10 @@ def test_fedavg_two_rounds_offline(tmp_path, tiny_assets):
     rows = records(out)
     assert [r["round"] for r in rows] == [0, 1]
     for key in ("method", "wall_seconds", "train_loss", "global_accuracy", "device_accuracy", "bytes_up",
-                "bytes_down", "curriculum_share", "gal", "updated_neuron_share"):
+                "bytes_down", "curriculum_share", "gal", "updated_neuron_share", "server_eval_seconds"):
         assert key in rows[0], key
+    # the server's evaluation is part of the round's wall time, timed on its own
+    assert all(0 < r["server_eval_seconds"] < r["round_seconds"] for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "FedAvg" and summary["rounds"] == 2
     assert summary["total_bytes_up"] == sum(r["bytes_up"] for r in rows) > 0

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fedml_fibec.report.compare import markdown_table
 from fedml_fibec.report import compare_rows, load_runs, plot_curves, target_accuracy, write_csv, write_markdown
 
 
 def write_run(root: Path, method: str, seed: int, accs, *, up=1_000_000, down=2_000_000, secs=10.0,
-              device=None, failed: str | None = None) -> None:
+              device=None, failed: str | None = None, server_eval=None) -> None:
     folder = root / method / f"seed{seed}"
     folder.mkdir(parents=True)
     status = {"method": method, "seed": seed, "status": "failed" if failed else "ok", "error": failed}
@@ -24,7 +25,8 @@ def write_run(root: Path, method: str, seed: int, accs, *, up=1_000_000, down=2_
     for i, a in enumerate(accs):
         lines.append(json.dumps({"round": i, "method": method, "wall_seconds": secs * (i + 1), "round_seconds": secs,
                                  "global_accuracy": a, "device_accuracy": device, "bytes_up": up,
-                                 "bytes_down": down}))
+                                 "bytes_down": down,
+                                 **({} if server_eval is None else {"server_eval_seconds": server_eval})}))
     (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     (folder / "summary.json").write_text(json.dumps({"method": method, "rounds": len(accs)}))
 
@@ -64,6 +66,20 @@ def test_rows_means_spreads_and_target(comparison):
     assert fb["mb_up_mean"] == pytest.approx(0.75) and fb["mb_down_mean"] == pytest.approx(6.0)
     assert fb["sec_per_round_mean"] == pytest.approx(6.0)
     assert nova["status"] == "failed" and "boom" in nova["error"]
+
+
+def test_seconds_to_target_without_the_servers_evaluation(tmp_path):
+    """The server's evaluations up to and including the target round are left out; the wall seconds stay."""
+    root = tmp_path / "cmp"
+    write_run(root, "FedAvg-LoRA", 0, [0.5, 0.7, 0.8], secs=10.0, server_eval=4.0)
+    write_run(root, "FibecFed", 0, [0.6, 0.7, 0.75], secs=5.0)  # an older run: no server_eval_seconds
+    rows = {r["method"]: r for r in compare_rows(load_runs(root, ["FedAvg-LoRA", "FibecFed"]), 0.7)}
+    fa, fb = rows["FedAvg-LoRA"], rows["FibecFed"]
+    assert fa["seconds_to_target_mean"] == pytest.approx(20.0)  # round 2 at 2 x 10 s
+    assert fa["train_seconds_to_target_mean"] == pytest.approx(20.0 - 2 * 4.0)
+    assert fb["seconds_to_target_mean"] == pytest.approx(10.0) and fb["train_seconds_to_target_mean"] is None
+    table = markdown_table(list(rows.values()), 0.7, "given")
+    assert "s to target w/o eval" in table and "| 20 | 12 |" in table and "| 10 | - |" in table
 
 
 def test_absolute_target_and_missing_reference(comparison):

@@ -68,11 +68,18 @@ class RunResult:
         dev = [r["device_accuracy"] for r in self.records if r.get("device_accuracy") is not None]
         return dev[-1] if dev else None
 
-    def reach(self, target: float) -> Optional[tuple[int, float]]:
-        """(rounds, wall seconds) at the first evaluation with accuracy >= target; None if never."""
-        for r, a in self.accuracies():
-            if a >= target:
-                return int(r["round"]) + 1, float(r["wall_seconds"])
+    def reach(self, target: float) -> Optional[tuple[int, float, Optional[float]]]:
+        """(rounds, wall seconds, wall seconds less the server's evaluations up to then) at the first
+        evaluation with accuracy >= target; None if never. The third is None for runs that did not
+        record server_eval_seconds."""
+        spent: Optional[float] = 0.0
+        for r in self.records:
+            if spent is not None:
+                spent = None if r.get("server_eval_seconds") is None else spent + r["server_eval_seconds"]
+            a = r.get("global_accuracy")
+            if a is not None and a >= target:
+                wall = float(r["wall_seconds"])
+                return int(r["round"]) + 1, wall, None if spent is None else wall - spent
         return None
 
     def total_mb(self, key: str) -> float:
@@ -147,7 +154,7 @@ COLUMNS = (
     "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "device_acc_mean", "device_acc_std",
     "val_acc_mean", "val_acc_std", "personal_acc_mean", "personal_acc_std", "compute_s_mean", "compute_s_std", "majority_share", "at_majority",
     "target_reached", "rounds_to_target_mean", "rounds_to_target_std",
-    "seconds_to_target_mean", "seconds_to_target_std",
+    "seconds_to_target_mean", "seconds_to_target_std", "train_seconds_to_target_mean", "train_seconds_to_target_std",
     "mb_up_mean", "mb_up_std", "mb_down_mean", "mb_down_std", "sec_per_round_mean", "sec_per_round_std",
     "tuned_setting", "validation_score", "error",
 )
@@ -187,6 +194,9 @@ def compare_rows(runs: Sequence[RunResult], target: Optional[float]) -> list[dic
         # Rounds and seconds to target are averaged over the seeds that reached it.
         row["rounds_to_target_mean"], row["rounds_to_target_std"] = _mean_spread([h[0] for h in hits])
         row["seconds_to_target_mean"], row["seconds_to_target_std"] = _mean_spread([h[1] for h in hits])
+        without_eval = [h[2] for h in hits]
+        row["train_seconds_to_target_mean"], row["train_seconds_to_target_std"] = (
+            _mean_spread(without_eval) if hits and None not in without_eval else (None, None))
         rows.append(row)
     return rows
 
@@ -211,13 +221,13 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
     """The comparison as a Markdown table with a short legend."""
     lines = [
         "| method | final acc | best acc | val acc | personal acc | device acc | rounds to target | s to target "
-        "| device compute s | MB up | MB down | s/round | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s to target w/o eval | device compute s | MB up | MB down | s/round | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] == "failed":
             err = (r["error"] or "").replace("|", "/").replace("\n", " ")
-            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | | | | 0/{r['seeds']} |")
+            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | | | | | 0/{r['seeds']} |")
             continue
         reached = r["target_reached"] or "-"
         mark = " (majority class)" if r.get("at_majority") else ""
@@ -229,13 +239,16 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
             f"| {_pm(r['device_acc_mean'], r['device_acc_std'], '.4f')} "
             f"| {_pm(r['rounds_to_target_mean'], r['rounds_to_target_std'], '.1f')} ({reached}) "
             f"| {_pm(r['seconds_to_target_mean'], r['seconds_to_target_std'], '.0f')} "
+            f"| {_pm(r.get('train_seconds_to_target_mean'), r.get('train_seconds_to_target_std'), '.0f')} "
             f"| {_pm(r.get('compute_s_mean'), r.get('compute_s_std'), '.0f')} "
             f"| {_pm(r['mb_up_mean'], r['mb_up_std'], '.2f')} | {_pm(r['mb_down_mean'], r['mb_down_std'], '.2f')} "
             f"| {_pm(r['sec_per_round_mean'], r['sec_per_round_std'], '.1f')} | {r['seeds_ok']}/{r['seeds']} |")
     legend = [
         "",
         f"Target: {target_note}" + ("" if target is None else f" = {target:.4f}") + ". Rounds and seconds to "
-        "target average the seeds that reached it (reached/successful seeds in brackets).",
+        "target average the seeds that reached it (reached/successful seeds in brackets). s to target is wall "
+        "time; w/o eval leaves out the server's evaluations of the global model (the same work for every "
+        "method; - for runs that did not time them).",
         "Values are mean ± sample standard deviation over seeds (no ± with one seed). Final acc is the mean test "
         "accuracy of the last three evaluated rounds, val acc the same on the validation split (what tuning "
         "chooses by; - without one). Personal acc: each round's devices' own models on their own held-out "
