@@ -7,7 +7,8 @@ built-ins (training_type simulation). The method's own overrides are applied aft
 setting (`--tune GRID.yaml`, fedml_fibec/tuning.py) comes last.
 
 A comparison resumes: a run folder whose run.json says it finished with the same config file and
-overrides is kept and skipped, so a rerun of the same command does only what is missing.
+overrides, or whose config.yaml is the config asked for, is kept and skipped, so a rerun of the same
+command does only what is missing.
 
 With `--tune`, every grid point of a method runs at the tuning seed under <out>/tuning/<method>/
 <point>/seed<s>; the point with the best validation score is chosen, its other seeds run in the
@@ -29,8 +30,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import yaml
+
 from .atomic import atomic_write_text
-from .config import load_config
+from .config import config_differences, load_config
 from .errors import ConfigError
 from .layout import machine, plan
 from .report import compare_rows, load_runs, plot_curves, target_accuracy, write_csv, write_markdown
@@ -149,14 +152,28 @@ def run_overrides(ns: argparse.Namespace, method: str, seed: int, setting: Seque
 
 
 def finished(out: Path, cf: Optional[str], overrides: Sequence[str]) -> Optional[dict]:
-    """The status of a run in `out` that finished with this config file and these overrides, else None."""
+    """The status of a run in `out` that finished with this config file and these overrides, or whose
+    config.yaml is the config they make (placement keys aside), else None.
+
+    The second case keeps a finished run when the same run is asked for in other words: a grid point
+    that spells out a default value (`learning_rate=0.002`), or a run folder copied in from another
+    comparison. A changed default changes the config, so that run is not kept.
+    """
     try:
         status = json.loads((out / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return None
-    same = status.get("cf") == cf and status.get("requested_overrides") == list(overrides)
     complete = (out / "metrics.jsonl").is_file() and (out / "summary.json").is_file()
-    return status if status.get("status") == "ok" and same and complete else None
+    if status.get("status") != "ok" or not complete:
+        return None
+    if status.get("cf") == cf and status.get("requested_overrides") == list(overrides):
+        return status
+    try:
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        wanted = load_config(cf, list(overrides))
+    except (OSError, yaml.YAMLError, ConfigError):
+        return None
+    return status if isinstance(saved, dict) and not config_differences(wanted, saved) else None
 
 
 def launch(method: str, seed: int, ns: argparse.Namespace, root: Path, progress,

@@ -121,3 +121,22 @@ def test_resume_skips_finished_runs_and_reruns_changed_ones(tmp_path, monkeypatc
     # a run whose files are gone is not finished, whatever its status says
     (root / "FedAvg-LoRA" / "seed0" / "summary.json").unlink()
     assert compare.finished(root / "FedAvg-LoRA" / "seed0", None, compare.run_overrides(ns, "FedAvg-LoRA", 0)) is None
+
+
+def test_a_finished_run_is_kept_when_asked_for_in_other_words(tmp_path):
+    """The same config spelt otherwise (a default written out, another worker count) is the same run; a
+    config that differs in one value that changes the computation is not."""
+    from fedml_fibec.config import dump_yaml, load_config
+
+    ns = compare.parse_args(["--out", str(tmp_path), "--set", "comm_round=3"])
+    folder = tmp_path / "FedAvg-LoRA" / "seed0"
+    _finished_run(folder, ns, "FedAvg-LoRA", 0, [], val=[0.5] * 3, test=[0.6] * 3)
+    made = compare.run_overrides(ns, "FedAvg-LoRA", 0)
+    (folder / "config.yaml").write_text(dump_yaml(load_config(None, [*made, "worker_num=2"])))
+    default_lr = load_config(None).train_args.learning_rate
+    assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, [f"learning_rate={default_lr}"]))
+    assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, ["worker_num=5"]))
+    assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, ["learning_rate=0.001"])) is None
+    assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 1)) is None  # another seed
+    (folder / "config.yaml").write_text("- not a config\n")
+    assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, ["worker_num=5"])) is None

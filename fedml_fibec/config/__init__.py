@@ -8,7 +8,7 @@ this namespace is the API.
 from ..errors import ConfigError
 from .docs import describe_keys
 from .fields import Rule, option
-from .loading import dump_yaml, load_config, parse_override
+from .loading import PLACEMENT_KEYS, config_differences, dump_yaml, load_config, parse_override
 from .rules import CROSS_RULES, validate
 from .schema import (BUILTIN_DATASETS, BUILTIN_MODELS, FEDML_METHODS, KEY_SECTION, METHODS, OPTIMIZER_CHOICES,
                      SECTIONS, CommArgs, CommonArgs, DataArgs, DeviceArgs, FibecArgs, ModelArgs, RunConfig,
@@ -16,7 +16,7 @@ from .schema import (BUILTIN_DATASETS, BUILTIN_MODELS, FEDML_METHODS, KEY_SECTIO
 
 __all__ = [
     "BUILTIN_DATASETS", "BUILTIN_MODELS", "CROSS_RULES", "FEDML_METHODS", "KEY_SECTION", "METHODS",
-    "OPTIMIZER_CHOICES", "SECTIONS", "CommArgs", "CommonArgs", "ConfigError", "DataArgs", "DeviceArgs",
+    "OPTIMIZER_CHOICES", "PLACEMENT_KEYS", "SECTIONS", "CommArgs", "CommonArgs", "ConfigError", "DataArgs", "DeviceArgs",
     "FibecArgs", "ModelArgs", "Rule", "RunConfig", "TrackingArgs", "TrainArgs", "ValidationArgs",
-    "describe_keys", "dump_yaml", "load_config", "option", "parse_override", "validate",
+    "config_differences", "describe_keys", "dump_yaml", "load_config", "option", "parse_override", "validate",
 ]

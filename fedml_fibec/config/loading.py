@@ -100,6 +100,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     return cfg
 
 
+# Keys that say where and how a run executes (reaching and waiting for peers, logging, placement),
+# not what it computes: a run resumed, or a finished run reused, with other values is the same run.
+PLACEMENT_KEYS = frozenset({
+    "worker_num", "grpc_ipconfig_path", "round_timeout_s", "min_silos_per_round", "connect_timeout_s",
+    "log_level", "torch_threads", "data_cache_dir", "using_gpu", "gpu_mapping_file", "gpu_mapping_key"})
+
+
+def config_differences(cfg: RunConfig, saved: dict[str, dict[str, Any]]) -> list[str]:
+    """`section.key: saved -> now` for every key (placement keys aside) where `cfg` differs from the
+    sections of a saved config (a run's config.yaml); empty when they describe the same run."""
+    return [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
+            for section, values in cfg.to_sections().items() for key, value in values.items()
+            if key not in PLACEMENT_KEYS and saved.get(section, {}).get(key) != value]
+
+
 def dump_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML sections."""
     return yaml.safe_dump(cfg.to_sections(), sort_keys=False)

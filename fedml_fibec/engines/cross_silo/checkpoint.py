@@ -19,17 +19,12 @@ import numpy as np
 import torch
 
 from ...atomic import atomic_write, atomic_write_text
-from ...config import RunConfig
+from ...config import RunConfig, config_differences
 from ...errors import ConfigError
 
 CHECKPOINT = "checkpoint.pt"
 VERSION = 2  # 2: the server round's state (no per-round download bytes)
 
-# Keys that may differ between the interrupted run and its resumption (how to reach and wait for
-# peers, logging and placement); everything else must match the run's config.yaml.
-RESUME_MUTABLE = {"worker_num", "grpc_ipconfig_path", "round_timeout_s", "min_silos_per_round", "connect_timeout_s",
-                  "log_level", "torch_threads", "data_cache_dir", "using_gpu", "gpu_mapping_file",
-                  "gpu_mapping_key"}
 
 
 def checkpoint_path(out_dir: str | Path) -> Path:
@@ -85,10 +80,8 @@ def restore(state: dict, *, aggregator, metrics) -> None:
 
 def check_same_config(cfg: RunConfig, saved: dict[str, dict[str, Any]], where: str) -> None:
     """Resuming with another config would not continue the same run: name the keys that differ."""
-    now = cfg.to_sections()
-    diffs = [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
-             for section, values in now.items() for key, value in values.items()
-             if key not in RESUME_MUTABLE and saved.get(section, {}).get(key) != value]
+    # Only the placement keys (config.PLACEMENT_KEYS) may differ from the run's config.yaml.
+    diffs = config_differences(cfg, saved)
     if diffs:
         raise ConfigError(f"--resume {where}: the config differs from the run being resumed in "
                           f"{'; '.join(diffs)}. Resume with the run's own config.yaml (leave out --cf).")
