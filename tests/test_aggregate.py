@@ -87,3 +87,38 @@ def test_check_payload_nan_allowed_when_not_checked_and_truncates_long_lists():
 def test_payload_bytes():
     p = {"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.float16), "c": torch.zeros(5, dtype=torch.int64)}
     assert payload_bytes(p) == 24 + 8 + 40
+
+
+def test_row_sparse_upload_rebuilds_the_whole_tensor_bit_exactly_in_every_wire_dtype():
+    """The rows a device did not send are the downloaded ones: rebuilt, the upload equals the dense one."""
+    from fedml_fibec.core.messages import Upload, select_rows
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        sent = {"a": torch.randn(6, 4, generator=g).to(dtype), "head": torch.randn(2, 4, generator=g).to(dtype)}
+        trained = {k: v.clone() for k, v in sent.items()}
+        mask = torch.tensor([True, False, False, True, False, False])
+        trained["a"][mask] += 1
+        trained["head"] += 1
+        tensors, rows = select_rows(trained, {"a": mask})
+        assert rows["a"].tolist() == [0, 3] and tensors["a"].shape == (2, 4) and tensors["head"] is trained["head"]
+        up = Upload(1, 10, tensors, rows=rows)
+        dense = up.dense_tensors(sent)
+        assert all(torch.equal(dense[k], trained[k]) and dense[k].dtype == dtype for k in trained)
+        assert up.nbytes == 2 * 4 * dtype.itemsize + 2 * 4 * dtype.itemsize + 2 * 4  # rows as int32
+        assert select_rows(trained, {"a": torch.ones(6, dtype=torch.bool)})[1] == {}  # every row: dense
+
+
+def test_check_rows_names_the_device_and_key():
+    from fedml_fibec.algorithm import PayloadError, check_rows
+
+    shapes = {"a": (6, 4)}
+    check_rows({"a": torch.tensor([0, 5])}, shapes, device_id=3)
+    for rows, reason in (({"b": torch.tensor([0])}, "not one of the expected keys"),
+                         ({"a": torch.tensor([0.0])}, "expected a 1-D integer tensor"),
+                         ({"a": torch.tensor([[0]])}, "expected a 1-D integer tensor"),
+                         ({"a": torch.tensor([0, 6])}, r"row indices must be in \[0, 6\)"),
+                         ({"a": torch.tensor([-1])}, r"row indices must be in \[0, 6\)"),
+                         ({"a": torch.tensor([3, 3])}, "row indices must be distinct and ascending")):
+        with pytest.raises(PayloadError, match=f"device 3 rejected: rows of '.*': {reason}"):
+            check_rows(rows, shapes, device_id=3)

@@ -105,6 +105,35 @@ def test_decoding_never_unpickles(monkeypatch):
     assert codec.decode(data, SPEC, LIMIT).params["num_samples"] == 17
 
 
+def _sparse_bundle(rows=(0, 2), sent_rows=None):
+    """An upload whose blk1.lora_A travels row-sparse: the rows `rows` listed, `sent_rows` of them sent."""
+    b = _bundle(scores=False)
+    u = b["uploads"][0]
+    u["rows"] = {"blk1.lora_A": torch.tensor(list(rows), dtype=torch.int64)}
+    u["tensors"]["blk1.lora_A"] = u["tensors"]["blk1.lora_A"][: len(rows) if sent_rows is None else sent_rows]
+    return b
+
+
+def test_row_sparse_uploads_round_trip_and_bad_rows_are_refused():
+    server_spec = SPEC.narrowed(["head.weight", "head.bias", "blk1.lora_A"])
+    up = codec.decode(codec.encode(codec.MSG_UPLOAD, 2, 0, _upload_params(_sparse_bundle())), server_spec, LIMIT)
+    got, want = up.params["model_params"]["uploads"][0], _sparse_bundle()["uploads"][0]
+    assert got["rows"]["blk1.lora_A"].tolist() == [0, 2] and got["tensors"]["blk1.lora_A"].shape == (2, 8)
+    assert all(torch.equal(got["tensors"][k], want["tensors"][k]) for k in want["tensors"])
+    assert codec.decode(codec.encode(codec.MSG_UPLOAD, 2, 0, _upload_params()), server_spec, LIMIT).params[
+        "model_params"]["uploads"][0]["rows"] == {}  # a dense upload has no row lists
+    for bundle, reason in ((_sparse_bundle(rows=(2, 0)), "distinct and ascending"),
+                           (_sparse_bundle(rows=(1, 1)), "distinct and ascending"),
+                           (_sparse_bundle(rows=(0, 4)), "beyond the tensor"),
+                           (_sparse_bundle(rows=(0, 1, 2), sent_rows=2), r"shape \[2, 8\], expected \[3, 8\]")):
+        with pytest.raises(codec.WireError, match=reason):
+            codec.decode(codec.encode(codec.MSG_UPLOAD, 2, 0, _upload_params(bundle)), server_spec, LIMIT)
+    unlisted = _sparse_bundle()
+    unlisted["uploads"][0]["rows"] = {"blk0.lora_A": torch.tensor([0])}
+    with pytest.raises(codec.WireError, match="not one of the upload's tensors"):
+        codec.decode(codec.encode(codec.MSG_UPLOAD, 2, 0, _upload_params(unlisted)), server_spec, LIMIT)
+
+
 def _blob_with(entries: dict, data: bytes) -> bytes:
     head = json.dumps(entries).encode()
     return struct.pack("<Q", len(head)) + head + data

@@ -4,9 +4,10 @@ import pytest
 import torch
 from tiny import tiny_batch, tiny_model, tiny_texts, tiny_tokenizer
 
+from fedml_fibec.algorithm import payload_bytes, weighted_average
 from fedml_fibec.algorithm.sparse import (
     SparseUpdate,
-        momentum_update,
+    momentum_update,
     neuron_scores,
     select_top_neurons,
     squared_grad_hooks,
@@ -161,20 +162,33 @@ def test_second_reading_trains_only_selected_gal_rows_and_freezes_the_rest(tiny_
 
     exchange()  # scoring: the GAL
     heads = set(head_parameter_names(server_model))
-    exchange()  # first participation: no scores yet, the GAL's LoRA trains densely and gets scored
+    _, first = exchange()  # first participation: no scores yet, the GAL's LoRA trains densely and gets scored
+    assert all(not up.rows for up in first)  # dense: every row travels
     momentum = {d: dict(states[d]["momentum"]) for d in (0, 1)}
+    before = {k: v.clone() for k, v in server.global_tensors.items()}
     download, uploads = exchange()  # second participation: sparse
     gal_lora = [k for k in download.tensors if k not in heads]
     assert gal_lora and set(momentum[0]) == set(gal_lora)
     for d, up in zip((0, 1), uploads):
         masks = select_top_neurons(momentum[d], 0.25, per_module=ranking == "per_module")
+        full = up.dense_tensors(download.tensors)
         moved = 0
         for k in gal_lora:
             keep = ~masks[k]
-            assert torch.equal(up.tensors[k][keep], download.tensors[k][keep]), (d, k)
-            moved += int((up.tensors[k][masks[k]] != download.tensors[k][masks[k]]).any())
+            assert torch.equal(full[k][keep], download.tensors[k][keep]), (d, k)
+            moved += int((full[k][masks[k]] != download.tensors[k][masks[k]]).any())
+            # only the selected rows travel, and the device's own model holds exactly what the server rebuilds
+            if not masks[k].all():
+                assert up.rows[k].tolist() == masks[k].nonzero().reshape(-1).tolist(), (d, k)
+                assert up.tensors[k].shape[0] == int(masks[k].sum())
+            assert torch.equal(full[k], dict(device_round.model.named_parameters())[k].detach()) or d == 0
         assert moved > 0  # the selected rows did train
+        assert up.nbytes < payload_bytes(full)  # the row-sparse upload is smaller than the dense one
         assert 0 < up.stats["updated_neuron_share"] <= 0.25 + 1e-9 or ranking == "per_module"
         local = states[d]["local"]
         assert local and set(local).isdisjoint(download.tensors)
         assert all(torch.equal(local[k], initial[k]) for k in local)  # the non-GAL LoRA never trained
+    # the server's average of the row-sparse uploads is the average of the whole tensors they stand for
+    dense = weighted_average([(up.dense_tensors(download.tensors), up.num_samples) for up in uploads])
+    assert all(torch.equal(server.global_tensors[k], dense[k].float()) for k in dense)
+    assert any(not torch.equal(server.global_tensors[k], before[k]) for k in gal_lora)

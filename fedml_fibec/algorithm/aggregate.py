@@ -58,6 +58,22 @@ def check_payload(
         raise PayloadError(f"payload from device {device_id} rejected: " + "; ".join(problems))
 
 
+def check_rows(rows: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, ...]], *, device_id) -> None:
+    """Raise PayloadError naming the device and key unless every row list of a row-sparse payload is a 1-D
+    integer tensor of distinct ascending rows of an expected tensor."""
+    for key, idx in rows.items():
+        where = f"payload from device {device_id} rejected: rows of {key!r}"
+        if key not in shapes:
+            raise PayloadError(f"{where}: not one of the expected keys")
+        if idx.dim() != 1 or idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise PayloadError(f"{where}: expected a 1-D integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+        n = shapes[key][0] if shapes[key] else 1
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise PayloadError(f"{where}: row indices must be in [0, {n})")
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            raise PayloadError(f"{where}: row indices must be distinct and ascending")
+
+
 def weighted_average(payloads: Sequence[tuple[Mapping[str, Tensor], float]]) -> OrderedDict[str, Tensor]:
     """Per key sum_i w_i x_i / sum_i w_i, accumulated in float32 (float64 for float64 inputs)."""
     if not payloads:

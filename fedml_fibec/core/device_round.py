@@ -26,7 +26,7 @@ from ..data import EncodedSet
 from ..models import (block_index, head_parameter_names, load_trainable_state, num_blocks, trainable_state_dict,
                       transformer_blocks)
 from .local import evaluate, length_sorted_batches, make_optimizer, model_inputs, round_lr_scale, train_steps
-from .messages import PHASE_SCORE, Download, Upload, to_wire
+from .messages import PHASE_SCORE, Download, Upload, select_rows, to_wire
 from ..methods import method_of
 from .seeds import device_generator, seed_dropout
 
@@ -107,8 +107,8 @@ class DeviceRound:
             sparse_keys, still = [k for k in shared if k not in heads], local_keys
         else:  # first reading: the device-local (non-GAL) LoRA trains sparsely, the shared tensors densely
             sparse_keys, still = local_keys, []
-        loss, sq_grads, updated_share = self._train_steps(round_idx, data, batches, sparse_keys, state, device,
-                                                          still=still)
+        loss, sq_grads, updated_share, row_masks = self._train_steps(round_idx, data, batches, sparse_keys, state,
+                                                                     device, still=still)
         after = trainable_state_dict(self.model)
         if sparse_keys:
             # A module frozen this round has no new score: it keeps its momentum unchanged.
@@ -137,13 +137,17 @@ class DeviceRound:
                  "curriculum_share": n_use / n_total,
                  "local_steps": len(batches), "samples_seen": sum(len(b) for b in batches),
                  "updated_neuron_share": updated_share, **clock}
-        return Upload(device_id, n_use, to_wire({k: after[k] for k in shared}, cfg.comm_args.payload_dtype),
-                      layer_scores=scores, stats=stats)
+        # Second reading: only the rows the sparse update selected can differ from the download, so only they
+        # travel (a module trained densely, without a score yet, travels whole).
+        tensors, rows = select_rows(to_wire({k: after[k] for k in shared}, cfg.comm_args.payload_dtype),
+                                    {k: m for k, m in row_masks.items() if k in download.tensors})
+        return Upload(device_id, n_use, tensors, layer_scores=scores, stats=stats, rows=rows)
 
     def _train_steps(self, round_idx: int, data: EncodedSet, batches, sparse_keys: list[str], state: dict,
-                     device, still: list[str] = ()) -> tuple[float, dict, Optional[float]]:
+                     device, still: list[str] = ()) -> tuple[float, dict, Optional[float], dict]:
         """Local steps: `sparse_keys` sparse (top neurons by momentum score), `still` frozen, the rest dense;
-        returns (loss, squared grads of the sparse tensors, share of their neurons updated)."""
+        returns (loss, squared grads of the sparse tensors, share of their neurons updated, the row masks of
+        the tensors trained sparsely)."""
         cfg, fb, tr = self.cfg, self.cfg.fibec_args, self.cfg.train_args
         params = dict(self.model.named_parameters())
         frozen = [params[k] for k in [*self.method.frozen_keys(self.keys), *still] if params[k].requires_grad]
@@ -175,7 +179,7 @@ class DeviceRound:
                 p.requires_grad_(True)
             if sparse is not None:
                 sparse.close()
-        return loss, sq_grads, updated_share
+        return loss, sq_grads, updated_share, ({} if sparse is None else {k: m.cpu() for k, m in masks.items()})
 
     def _difficulty_order(self, data: EncodedSet, state: dict, device) -> torch.Tensor:
         """Easy-to-hard order of the device's samples, scored with the current model when due."""

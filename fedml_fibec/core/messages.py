@@ -53,9 +53,32 @@ class Download:
                    tensors=OrderedDict(message["tensors"]), rescore=bool(message.get("rescore", False)))
 
 
+INDEX_BYTES = 4  # a row index counts as an int32 in the upload's bytes
+
+
+def select_rows(tensors: Mapping[str, torch.Tensor], row_masks: Mapping[str, torch.Tensor]
+                ) -> "tuple[OrderedDict[str, torch.Tensor], dict[str, torch.Tensor]]":
+    """Row-sparse form of a payload: a tensor whose mask leaves rows out keeps only its selected rows,
+    and `rows` lists them (int64, ascending); the others stay whole."""
+    out, rows = OrderedDict(), {}
+    for k, v in tensors.items():
+        mask = row_masks.get(k)
+        if mask is not None and not bool(mask.all()):
+            idx = mask.reshape(-1).nonzero().reshape(-1).to(device="cpu", dtype=torch.int64)
+            out[k], rows[k] = v.index_select(0, idx.to(v.device)).contiguous(), idx
+        else:
+            out[k] = v
+    return out, rows
+
+
 @dataclass
 class Upload:
-    """Device -> server: one device's trained shared tensors (or layer scores) and round statistics."""
+    """Device -> server: one device's trained shared tensors (or layer scores) and round statistics.
+
+    `rows` makes a tensor row-sparse: `tensors[k]` then holds only the rows `rows[k]` (ascending), the
+    rows the device's sparse update could change; every other row is, bit for bit, the value the
+    device downloaded, so the server fills them in from the Download it sent (`dense_tensors`).
+    """
 
     device_id: int
     num_samples: int  # samples the device used this round: the aggregation weight
@@ -63,26 +86,43 @@ class Upload:
     layer_scores: Optional[torch.Tensor] = None
     stats: dict = field(default_factory=dict)
     reply_to: Optional[list] = None  # the Download.tag this upload answers
+    rows: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.device_id, self.num_samples = int(self.device_id), int(self.num_samples)
         self.tensors = OrderedDict(self.tensors)
+        self.rows = {k: torch.as_tensor(v, dtype=torch.int64).reshape(-1) for k, v in (self.rows or {}).items()}
         if self.layer_scores is not None:
             self.layer_scores = self.layer_scores.detach().float().cpu()
 
     @property
     def nbytes(self) -> int:
-        """Tensor bytes of the upload (tensors and layer scores)."""
+        """Bytes of the upload: tensors, row indices (as int32) and layer scores."""
         scores = self.layer_scores
-        return payload_bytes(self.tensors) + (0 if scores is None else scores.numel() * scores.element_size())
+        return (payload_bytes(self.tensors) + INDEX_BYTES * sum(r.numel() for r in self.rows.values())
+                + (0 if scores is None else scores.numel() * scores.element_size()))
+
+    def dense_tensors(self, downloaded: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+        """The whole tensors: each row-sparse one is the downloaded tensor (`downloaded`, in the wire dtype)
+        with the sent rows written in, which is exactly what the device holds."""
+        out = OrderedDict()
+        for k, v in self.tensors.items():
+            if k in self.rows:
+                full = downloaded[k].to(dtype=v.dtype, copy=True)
+                full.index_copy_(0, self.rows[k].to(full.device), v.to(full.device))
+                out[k] = full
+            else:
+                out[k] = v
+        return out
 
     def to_fedml(self) -> dict:
         """FedML's form: a plain dict, which FedML hands to our aggregator untouched."""
         return {"device_id": self.device_id, "num_samples": self.num_samples, "tensors": OrderedDict(self.tensors),
-                "layer_scores": self.layer_scores, "stats": dict(self.stats), "reply_to": self.reply_to}
+                "layer_scores": self.layer_scores, "stats": dict(self.stats), "reply_to": self.reply_to,
+                "rows": dict(self.rows)}
 
     @classmethod
     def from_fedml(cls, message: Mapping[str, Any]) -> "Upload":
         return cls(device_id=message["device_id"], num_samples=message["num_samples"], tensors=message["tensors"],
                    layer_scores=message.get("layer_scores"), stats=dict(message.get("stats") or {}),
-                   reply_to=message.get("reply_to"))
+                   reply_to=message.get("reply_to"), rows=dict(message.get("rows") or {}))

@@ -136,7 +136,10 @@ class ServerRound:
                            "bytes_down": self._carry["bytes_down"] + sent}
             return None
         accepted, rejected = self._check(uploads)
-        averaged = alg.weighted_average([(u.tensors, u.num_samples) for u in accepted])
+        # A row-sparse upload's other rows are the Download's: the global tensors in the wire dtype, unchanged
+        # since the Download was made (rounds are synchronous).
+        sent_tensors = to_wire({k: self.global_tensors[k] for k in self.shared_keys()}, self.cfg.comm_args.payload_dtype)
+        averaged = alg.weighted_average([(u.dense_tensors(sent_tensors), u.num_samples) for u in accepted])
         for k, v in averaged.items():
             self.global_tensors[k] = v.float()
         record = round_record(self.round, [u.stats for u in accepted], devices=[u.device_id for u in accepted],
@@ -195,10 +198,13 @@ class ServerRound:
     def _check(self, uploads: list[Upload]) -> tuple[list[Upload], list[Upload]]:
         """Split uploads into those matching the current GAL and those rejected (logged)."""
         wire = WIRE_DTYPES[self.cfg.comm_args.payload_dtype]
-        expected = {k: (tuple(self.global_tensors[k].shape), wire) for k in self.shared_keys()}
+        shapes = {k: tuple(self.global_tensors[k].shape) for k in self.shared_keys()}
         accepted, rejected = [], []
         for u in uploads:
             try:
+                alg.check_rows(u.rows, shapes, device_id=u.device_id)
+                # a row-sparse tensor holds only its listed rows
+                expected = {k: ((len(u.rows[k]), *s[1:]) if k in u.rows else s, wire) for k, s in shapes.items()}
                 alg.check_payload(u.tensors, expected, device_id=u.device_id)
                 if not u.num_samples > 0:
                     raise alg.PayloadError(f"device {u.device_id}: num_samples must be positive")

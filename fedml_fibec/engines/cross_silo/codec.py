@@ -145,6 +145,23 @@ def _stats(where: str, value: Any) -> dict:
     return value
 
 
+def _rows(where: str, value: Any, names: list[str]) -> dict[str, list[int]]:
+    """Row lists of the row-sparse tensors (core.messages.Upload.rows): each names a listed tensor and holds
+    distinct ascending row indices; the tensor's shape is checked against them when the blob is read."""
+    if not isinstance(value, dict) or len(value) > len(names):
+        _fail(where, "an object of tensor name -> row list", value)
+    for name, rows in value.items():
+        if name not in names:
+            raise WireError(f"{where}: {name!r} is not one of the upload's tensors")
+        if not isinstance(rows, list) or len(rows) > 1_000_000:
+            _fail(f"{where}.{name}", "a list of row indices", rows)
+        for i, r in enumerate(rows):
+            _int(f"{where}.{name}[{i}]", r)
+        if any(b <= a for a, b in zip(rows, rows[1:])):
+            raise WireError(f"{where}.{name}: row indices must be distinct and ascending")
+    return value
+
+
 DEVICE_LIST = r"\d{1,9}(,\d{1,9}){0,9999}"
 
 
@@ -174,10 +191,10 @@ def _check_bundle(where: str, b: Any) -> None:
         _fail(f"{where}.uploads", "a list of 1 or more uploads", b["uploads"])
     for i, u in enumerate(b["uploads"]):
         w = f"{where}.uploads[{i}]"
-        _keys(w, u, {"device_id", "num_samples", "tensors", "layer_scores", "stats"})
+        _keys(w, u, {"device_id", "num_samples", "tensors", "layer_scores", "stats"}, optional={"rows"})
         _int(f"{w}.device_id", u["device_id"])
         _int(f"{w}.num_samples", u["num_samples"])
-        _names(f"{w}.tensors", u["tensors"])
+        _rows(f"{w}.rows", u.get("rows", {}), _names(f"{w}.tensors", u["tensors"]))
         _bool(f"{w}.layer_scores", u["layer_scores"])
         _stats(f"{w}.stats", u["stats"])
 
@@ -261,6 +278,7 @@ def _encode_bundle(b: Mapping[str, Any], tensors: dict) -> dict:
         if u.get("layer_scores") is not None:
             tensors[f"u{i}/#layer_scores"] = u["layer_scores"].detach().float().cpu()
         uploads.append({"device_id": int(u["device_id"]), "num_samples": int(u["num_samples"]), "tensors": names,
+                        "rows": {str(k): [int(i) for i in r.tolist()] for k, r in (u.get("rows") or {}).items()},
                         "layer_scores": u.get("layer_scores") is not None,
                         "stats": {str(k): _plain(v) for k, v in (u.get("stats") or {}).items()}})
     tag = b["reply_to"]
@@ -370,8 +388,14 @@ def decode(data: bytes, spec: TensorSpec, max_bytes: int) -> WireMessage:
             wanted[f"d/{n}"] = spec.expect(n)
     elif t == MSG_UPLOAD:
         for i, u in enumerate(params[ARG_MODEL]["uploads"]):
+            rows = u.get("rows", {})
             for n in u["tensors"]:
-                wanted[f"u{i}/{n}"] = spec.expect(n)
+                shape, dtype = spec.expect(n)
+                if n in rows:  # a row-sparse tensor: only the listed rows, each inside the tensor
+                    if not shape or (rows[n] and rows[n][-1] >= shape[0]):
+                        raise WireError(f"uploads[{i}].rows.{n}: a row index beyond the tensor's {shape[:1]} rows")
+                    shape = (len(rows[n]), *shape[1:])
+                wanted[f"u{i}/{n}"] = (shape, dtype)
             if u["layer_scores"]:
                 wanted[f"u{i}/#layer_scores"] = ((spec.num_layers,), "F32")
     if set(entries) != set(wanted):
@@ -394,6 +418,7 @@ def decode(data: bytes, spec: TensorSpec, max_bytes: int) -> WireMessage:
         for i, u in enumerate(b["uploads"]):
             uploads.append({"device_id": u["device_id"], "num_samples": u["num_samples"],
                             "tensors": OrderedDict((n, tensors[f"u{i}/{n}"]) for n in u["tensors"]),
+                            "rows": {n: torch.tensor(r, dtype=torch.int64) for n, r in u.get("rows", {}).items()},
                             "layer_scores": tensors.get(f"u{i}/#layer_scores"), "stats": dict(u["stats"]),
                             "reply_to": list(b["reply_to"])})
         params[ARG_MODEL] = {"reply_to": list(b["reply_to"]), "uploads": uploads}
