@@ -21,6 +21,13 @@ from fedml_fibec.core.state_store import DeviceStateStore
 CPU = torch.device("cpu")
 
 
+# The paper's scored GAL with our first reading of the sparse update (the defaults before issue 12's study):
+# tests of that reading, and of the scoring exchange, name it instead of relying on the defaults.
+FIRST_READING = ("gal_shape=scored", "sparse_target=local", "neuron_ranking=global", "rho=0.25")
+# The paper's scored GAL (a scoring exchange before round 0) with today's sparse update.
+SCORED_GAL = ("gal_shape=scored",)
+
+
 def tiny_config(model_dir: Path, csv: Path, *overrides: str) -> RunConfig:
     """A small valid config over a tiny local model and CSV (a fixed 3 local steps unless epochs is set)."""
     base = [f"model={model_dir}", "data_source=files", f"train_file={csv}", "client_num_in_total=6",

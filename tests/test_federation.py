@@ -6,7 +6,7 @@ import torch
 from fedml_fibec.algorithm import payload_bytes
 from fedml_fibec.methods import METHODS
 from fedml_fibec.models import block_index
-from harness import run_federation, tiny_config
+from harness import FIRST_READING, SCORED_GAL, run_federation, tiny_config
 
 
 def globals_of(federation):
@@ -39,7 +39,7 @@ def test_default_fibecfed_differs_from_fedavg(tiny_assets, tmp_path):
 def test_bytes_follow_the_gal_share(tiny_assets, tmp_path):
     model_dir, csv = tiny_assets
     fedavg = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg"), tmp_path / "a")
-    fibec = run_federation(tiny_config(model_dir, csv, "gal_ratio=0.5"), tmp_path / "b")
+    fibec = run_federation(tiny_config(model_dir, csv, *FIRST_READING, "gal_ratio=0.5"), tmp_path / "b")
     server = fibec.server
     assert len(server.gal) == 1 and all(r["gal"] == server.gal for r in fibec.records)
     keys = list(server.global_tensors)
@@ -58,7 +58,7 @@ def test_bytes_follow_the_gal_share(tiny_assets, tmp_path):
 def test_device_state_follows_the_device_not_the_process(tiny_assets, tmp_path):
     """Device i served by process A in one round and process B in another continues its own state."""
     model_dir, csv = tiny_assets
-    cfg = tiny_config(model_dir, csv, "client_num_in_total=3", "comm_round=4", "rho=0.5")
+    cfg = tiny_config(model_dir, csv, *FIRST_READING, "client_num_in_total=3", "comm_round=4", "rho=0.5")
     same = run_federation(cfg, tmp_path / "same", assign=lambda exchange, slot: slot)
     swapped = run_federation(cfg, tmp_path / "swap", assign=lambda exchange, slot: (slot + exchange) % 2)
     a, b = globals_of(same), globals_of(swapped)
@@ -193,7 +193,7 @@ def test_gal_chosen_after_warm_up_rounds_from_the_trained_model(tiny_assets, tmp
     from fedml_fibec.errors import ConfigError
 
     model_dir, csv = tiny_assets
-    cfg = tiny_config(model_dir, csv, "gal_warmup_rounds=2", "comm_round=4", "gal_ratio=0.5")
+    cfg = tiny_config(model_dir, csv, *SCORED_GAL, "gal_warmup_rounds=2", "comm_round=4", "gal_ratio=0.5")
     assert exchanges_of(cfg) == 4  # the training rounds only
     fed = run_federation(cfg, tmp_path / "w")
     every = list(range(fed.server.num_blocks))
@@ -201,7 +201,7 @@ def test_gal_chosen_after_warm_up_rounds_from_the_trained_model(tiny_assets, tmp
     assert gals[0] == gals[1] == every and "gal_next" in fed.records[1] and "gal_next" not in fed.records[0]
     assert gals[2] == gals[3] == fed.records[1]["gal_next"] and len(gals[2]) < len(every)
     assert fed.records[2]["bytes_up"] < fed.records[1]["bytes_up"]
-    plain = tiny_config(model_dir, csv, "comm_round=4")
+    plain = tiny_config(model_dir, csv, *SCORED_GAL, "comm_round=4")
     assert exchanges_of(plain) == 5  # the scoring exchange before round 0
     import pytest
     with pytest.raises(ConfigError, match="gal_warmup_rounds = 4: expected fewer than comm_round"):

@@ -138,14 +138,14 @@ def test_second_reading_trains_only_selected_gal_rows_and_freezes_the_rest(tiny_
     """sparse_target=gal, two participations of each device in the trainer's own path: in the second,
     every unselected GAL LoRA row comes back bit-identical to what the server sent, and the non-GAL
     LoRA tensors never move from their initial values."""
-    from harness import CPU, build_data, build_model, tiny_config
+    from harness import CPU, SCORED_GAL, build_data, build_model, tiny_config
 
     from fedml_fibec.core.device_round import DeviceRound
     from fedml_fibec.core.server_round import ServerRound
     from fedml_fibec.models import head_parameter_names, trainable_state_dict
 
     model_dir, csv = tiny_assets
-    cfg = tiny_config(model_dir, csv, "sparse_target=gal", "rho=0.25", f"neuron_ranking={ranking}",
+    cfg = tiny_config(model_dir, csv, *SCORED_GAL, "sparse_target=gal", "rho=0.25", f"neuron_ranking={ranking}",
                       "client_num_in_total=2", "client_num_per_round=2", "comm_round=3", "g0=1")
     server_model, tok = build_model(cfg)
     fd = build_data(cfg, tok)

@@ -102,7 +102,8 @@ class TrainArgs:
     local_steps: Optional[int] = option(None, "Local optimizer steps per device per round when epochs is null; with "
                                         "epochs, a cap on them (null = no cap).", check=at_least(1))
     batch_size: int = option(16, "Local minibatch size.", check=at_least(1))
-    learning_rate: float = option(2e-3, "Local learning rate.", check=positive())
+    learning_rate: float = option(1e-2, "Local learning rate (the default: FibecFed's, chosen on validation; "
+                                   "docs/results/study12_mr).", check=positive())
     lr_schedule: str = option("cosine", "Local learning rate across rounds: constant, or cosine decay from "
                               "learning_rate at round 0 to min_lr_ratio * learning_rate at the last round.",
                               ("constant", "cosine"))
@@ -210,7 +211,7 @@ class FibecArgs:
                                         check=in_interval("(0, 1]"))
     gal_mass: Optional[float] = option(None, "Instead of gal_ratio: smallest top set holding this share of "
                                        "the total layer score.", check=in_interval("(0, 1]"))
-    gal_shape: str = option("scored", "Which blocks form the GAL. scored: the top-scoring ones (the paper); "
+    gal_shape: str = option("suffix", "Which blocks form the GAL. scored: the top-scoring ones (the paper); "
                             "suffix: the last ones, as many as gal_ratio asks (or the shortest run of last "
                             "blocks holding gal_mass of the score), so that with sparse_target=gal the blocks "
                             "below are frozen and backward stops at the GAL.", ("scored", "suffix"))
@@ -221,13 +222,13 @@ class FibecArgs:
                                     "0 = choose it before any training, in a scoring exchange.",
                                     check=at_least(0, "0 (no warm-up) or more"))
     beta: float = option(0.9, "Momentum of the neuron scores.", check=in_interval("[0, 1)"))
-    rho: float = option(0.25, "Share of the sparse-trained neurons (see sparse_target) updated in a device's "
+    rho: float = option(0.5, "Share of the sparse-trained neurons (see sparse_target) updated in a device's "
                         "participation.", check=in_interval("(0, 1]"))
-    sparse_target: str = option("local", "Which LoRA tensors the sparse update trains. local: the device-local "
+    sparse_target: str = option("gal", "Which LoRA tensors the sparse update trains. local: the device-local "
                                 "(non-GAL) ones, the GAL's densely (our first reading); gal: the GAL's LoRA "
                                 "sparsely and the non-GAL LoRA frozen, so nothing is trained that the global model "
                                 "does not see (second reading; docs/ALGORITHM.md).", ("local", "gal"))
-    neuron_ranking: str = option("global", "How neurons compete for the sparse update. global: jointly over all "
+    neuron_ranking: str = option("per_module", "How neurons compete for the sparse update. global: jointly over all "
                                  "modules (an A row sums hidden-size squared gradients, a B row r of them, so this "
                                  "mostly ranks module types); per_module: the top rho of each module.",
                                  ("global", "per_module"))

@@ -103,6 +103,8 @@ class ServerRound:
         elif self.method.selects_layers(cfg.fibec_args.gal_ratio) and not self.warmup:
             # A fixed-size suffix (has_scoring_exchange is False only then), from round 0.
             self.gal = alg.select_gal(torch.zeros(self.num_blocks), ratio=cfg.fibec_args.gal_ratio, shape="suffix")
+            log.info("GAL selected: blocks %s of %d (the last ones: gal_shape suffix, no layer scores needed)",
+                     self.gal, self.num_blocks)
         else:
             self.gal = list(range(self.num_blocks))  # every block global (warm-up, or no selection)
         self.layer_scores: Optional[torch.Tensor] = None
