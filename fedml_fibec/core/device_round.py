@@ -13,6 +13,7 @@ shared and frozen (fedml_fibec/methods.py). Nothing here knows FedML.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Optional
@@ -25,6 +26,7 @@ from ..config import RunConfig
 from ..data import EncodedSet
 from ..models import (block_index, head_parameter_names, load_trainable_state, num_blocks, trainable_state_dict,
                       transformer_blocks)
+from ..models.prefix_cache import FrozenPrefixCache, capture_prefix_output, prefix_fingerprint
 from .local import evaluate, length_sorted_batches, make_optimizer, model_inputs, round_lr_scale, train_steps
 from .messages import PHASE_SCORE, Download, Upload, select_rows, to_wire
 from ..methods import method_of
@@ -82,6 +84,14 @@ class DeviceRound:
         seed_dropout(cfg.common_args.random_seed, device_id, round_idx)
         clock = {"scoring_seconds": 0.0}
 
+        if self.method.fibec and fb.sparse_target == "gal":
+            # Second reading: the GAL's LoRA trains sparsely; the device-local LoRA stays frozen.
+            heads = set(self.head_names)
+            sparse_keys, still = [k for k in shared if k not in heads], local_keys
+        else:  # first reading: the device-local (non-GAL) LoRA trains sparsely, the shared tensors densely
+            sparse_keys, still = local_keys, []
+        prefix = self._prefix_cache(state, still, len(data)) if self.method.fibec and fb.cache_frozen_prefix else None
+
         t0 = time.perf_counter()
         n_total = len(data)
         if self.method.fibec and fb.g0 < 1:
@@ -89,7 +99,8 @@ class DeviceRound:
                                         min_samples=fb.min_samples)
             # With every sample in use the order cannot matter (the draw over all of them is the plain
             # one), so a device that is due for scoring then is not scored: no compute for nothing.
-            order = self._difficulty_order(data, state, device) if n_use < n_total else torch.arange(n_total)
+            order = (self._difficulty_order(data, state, device, prefix) if n_use < n_total
+                     else torch.arange(n_total))
             clock["scoring_seconds"] = time.perf_counter() - t0
             batches = alg.curriculum_batches(order, n_use, batch_size=tr.batch_size, generator=generator,
                                              num_steps=alg.local_step_count(n_use, batch_size=tr.batch_size,
@@ -101,14 +112,12 @@ class DeviceRound:
                                                                        epochs=tr.epochs, max_steps=tr.local_steps))
 
         t0 = time.perf_counter()
-        if self.method.fibec and fb.sparse_target == "gal":
-            # Second reading: the GAL's LoRA trains sparsely; the device-local LoRA stays frozen.
-            heads = set(self.head_names)
-            sparse_keys, still = [k for k in shared if k not in heads], local_keys
-        else:  # first reading: the device-local (non-GAL) LoRA trains sparsely, the shared tensors densely
-            sparse_keys, still = local_keys, []
+        if prefix is not None:  # samples the scoring pass did not see (or a stale cache): prefix only, once
+            prefix.fill(self.model, length_sorted_batches(data.attention_mask, fb.scoring_batch_size),
+                        lambda rows: model_inputs(data, rows, device))
+            state["prefix_cache"] = prefix.to_state()
         loss, sq_grads, updated_share, row_masks = self._train_steps(round_idx, data, batches, sparse_keys, state,
-                                                                     device, still=still)
+                                                                     device, still=still, prefix=prefix)
         after = trainable_state_dict(self.model)
         if sparse_keys:
             # A module frozen this round has no new score: it keeps its momentum unchanged.
@@ -136,7 +145,8 @@ class DeviceRound:
         stats = {"train_loss": loss, "device_accuracy": device_acc, "personal_accuracy": personal_acc,
                  "curriculum_share": n_use / n_total,
                  "local_steps": len(batches), "samples_seen": sum(len(b) for b in batches),
-                 "updated_neuron_share": updated_share, **clock}
+                 "updated_neuron_share": updated_share,
+                 "replayed_blocks": 0 if prefix is None else prefix.first_trained, **clock}
         # Second reading: only the rows the sparse update selected can differ from the download, so only they
         # travel (a module trained densely, without a score yet, travels whole).
         tensors, rows = select_rows(to_wire({k: after[k] for k in shared}, cfg.comm_args.payload_dtype),
@@ -144,7 +154,8 @@ class DeviceRound:
         return Upload(device_id, n_use, tensors, layer_scores=scores, stats=stats, rows=rows)
 
     def _train_steps(self, round_idx: int, data: EncodedSet, batches, sparse_keys: list[str], state: dict,
-                     device, still: list[str] = ()) -> tuple[float, dict, Optional[float], dict]:
+                     device, still: list[str] = (), prefix: Optional[FrozenPrefixCache] = None,
+                     ) -> tuple[float, dict, Optional[float], dict]:
         """Local steps: `sparse_keys` sparse (top neurons by momentum score), `still` frozen, the rest dense;
         returns (loss, squared grads of the sparse tensors, share of their neurons updated, the row masks of
         the tensors trained sparsely)."""
@@ -171,7 +182,8 @@ class DeviceRound:
             optimizer = make_optimizer(self.model, tr.client_optimizer, tr.learning_rate * scale, tr.weight_decay,
                                        head_lr=head_lr, head_names=self.head_names)
             loss = train_steps(self.model, data, batches, optimizer, device=device, max_grad_norm=tr.max_grad_norm,
-                               bf16=cfg.device_args.bf16, after_step=None if sparse is None else sparse.after_step)
+                               bf16=cfg.device_args.bf16, after_step=None if sparse is None else sparse.after_step,
+                               prefix=prefix)
         finally:
             for h in hooks:
                 h.remove()
@@ -181,18 +193,49 @@ class DeviceRound:
                 sparse.close()
         return loss, sq_grads, updated_share, ({} if sparse is None else {k: m.cpu() for k, m in masks.items()})
 
-    def _difficulty_order(self, data: EncodedSet, state: dict, device) -> torch.Tensor:
-        """Easy-to-hard order of the device's samples, scored with the current model when due."""
+    def _prefix_cache(self, state: dict, still: list[str], n: int) -> Optional[FrozenPrefixCache]:
+        """The device's frozen-prefix cache when the blocks below the lowest trained one are all frozen.
+
+        None when block 0 trains, or when a trained tensor outside the blocks is not the head (e.g.
+        trained embeddings): then there is no frozen prefix whose output could be reused.
+        """
+        untrained = {*self.method.frozen_keys(self.keys), *still}
+        trained = [k for k in self.keys if k not in untrained]
+        heads = set(self.head_names)
+        if any(block_index(k) is None and k not in heads for k in trained):
+            return None
+        first_trained = min((block_index(k) for k in trained if block_index(k) is not None), default=0)
+        if first_trained < 1:
+            return None
+        params = dict(self.model.named_parameters())
+        inside = {k: params[k].detach() for k in self.keys if (block_index(k) is not None
+                                                                and block_index(k) < first_trained)}
+        return FrozenPrefixCache.from_state(state, first_trained, prefix_fingerprint(inside), n)
+
+    def _difficulty_order(self, data: EncodedSet, state: dict, device,
+                          prefix: Optional[FrozenPrefixCache] = None) -> torch.Tensor:
+        """Easy-to-hard order of the device's samples, scored with the current model when due.
+
+        The scoring pass runs the whole model in eval mode, so it also fills `prefix` on the way
+        (when the scoring sees the same inputs as training: no segment ids, or all zero).
+        """
         fb = self.cfg.fibec_args
         seen = state.get("participations", 0)
         due = "difficulty" not in state or (fb.refresh_every > 0 and seen > 0 and seen % fb.refresh_every == 0)
         if due:
+            # The scoring forward passes no token_type_ids (the model takes zeros), so it only sees the
+            # training inputs when the data has none that are set.
+            capture = prefix is not None and (data.token_type_ids is None or not bool(data.token_type_ids.any()))
+            watch = capture_prefix_output(self.model, prefix.first_trained) if capture else contextlib.nullcontext()
             scores = torch.empty(len(data))
-            for rows in length_sorted_batches(data.attention_mask, fb.scoring_batch_size):
-                inputs = model_inputs(data, rows, device)
-                scores[rows] = alg.score_dataset(
-                    self.model, inputs["input_ids"], inputs["attention_mask"], data.labels[rows].to(device),
-                    batch_size=len(rows), wrt=fb.wrt, fisher=fb.fisher, normalize=fb.normalize).cpu()
+            with watch as seen_out:
+                for rows in length_sorted_batches(data.attention_mask, fb.scoring_batch_size):
+                    inputs = model_inputs(data, rows, device)
+                    scores[rows] = alg.score_dataset(
+                        self.model, inputs["input_ids"], inputs["attention_mask"], data.labels[rows].to(device),
+                        batch_size=len(rows), wrt=fb.wrt, fisher=fb.fisher, normalize=fb.normalize).cpu()
+                    if capture:
+                        prefix.store(rows, seen_out["hidden"], inputs["attention_mask"], seen_out["tuple"])
             state["difficulty"] = scores
         return alg.easiest_first(state["difficulty"], data.labels if fb.stratify_by_label else None)
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..data import EncodedSet
+from ..models.prefix_cache import FrozenPrefixCache
 
 
 def model_inputs(data: EncodedSet, idx, device: torch.device) -> dict[str, torch.Tensor]:
@@ -60,27 +61,43 @@ def _autocast(device: torch.device, bf16: bool):
 def train_steps(model: nn.Module, data: EncodedSet, batches: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, *, device: torch.device,
                 max_grad_norm: float = 0.0, bf16: bool = False,
                 after_step: Optional[Callable[[], None]] = None,
-                extra_loss: Optional[Callable[[], torch.Tensor]] = None) -> float:
-    """Run one optimizer step per index batch; return the mean training loss."""
+                extra_loss: Optional[Callable[[], torch.Tensor]] = None,
+                prefix: Optional[FrozenPrefixCache] = None) -> float:
+    """Run one optimizer step per index batch; return the mean training loss.
+
+    With `prefix` (every sample's output of the frozen blocks below the lowest trained one), those
+    blocks are not run: each batch replays its cached hidden states.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     total = torch.zeros((), device=device)
-    for idx in batches:
-        inputs, y = model_inputs(data, idx, device), data.labels[idx].to(device)
-        with _autocast(device, bf16):
-            logits = model(**inputs).logits
-        loss = nn.functional.cross_entropy(logits.float(), y)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        if after_step is not None:
-            after_step()
-        total += loss.detach()
+    replay = prefix.replaying(model) if prefix is not None else contextlib.nullcontext()
+    with replay:
+        for idx in batches:
+            total += _train_step(model, data, idx, optimizer, device=device, params=params, max_grad_norm=max_grad_norm,
+                                 bf16=bf16, after_step=after_step, extra_loss=extra_loss, prefix=prefix)
     return float(total.item()) / max(1, len(batches))
+
+
+def _train_step(model, data, idx, optimizer, *, device, params, max_grad_norm, bf16, after_step, extra_loss,
+                prefix) -> torch.Tensor:
+    """One optimizer step on the rows `idx`; returns the detached loss."""
+    inputs, y = model_inputs(data, idx, device), data.labels[idx].to(device)
+    if prefix is not None:
+        prefix.select(idx, device)
+    with _autocast(device, bf16):
+        logits = model(**inputs).logits
+    loss = nn.functional.cross_entropy(logits.float(), y)
+    if extra_loss is not None:
+        loss = loss + extra_loss()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if after_step is not None:
+        after_step()
+    return loss.detach()
 
 
 @torch.no_grad()
