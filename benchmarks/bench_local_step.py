@@ -13,6 +13,8 @@ padded to 64 tokens; AdamW lr 2e-3, gradient clipping 1.0: the run defaults), Lo
                  restore, modules without a selected neuron frozen) plus the trainer's squared-gradient
                  accumulator hooks on the local tensors
   lowest_block=k LoRA of blocks < k frozen, the rest dense: backward should stop at block k
+  cached_prefix=k  as lowest_block=k, with the blocks below k replayed from the frozen-prefix cache
+                 (`cache_frozen_prefix`): neither forward nor backward runs there
 Each variant's line carries `blocks_with_backward`: the blocks whose output received a gradient in the
 step (a tensor hook on every block output that requires grad). Autograd skips block i exactly when
 block i is not listed; `autograd_skips_frozen_lower_blocks` checks that it is the blocks >= the lowest
@@ -37,6 +39,7 @@ from fedml_fibec import algorithm as alg
 from fedml_fibec.data import EncodedSet
 from fedml_fibec.core.local import make_optimizer, model_inputs, train_steps
 from fedml_fibec.models import lora_parameter_names, tensors_by_block, transformer_blocks
+from fedml_fibec.models.prefix_cache import FrozenPrefixCache
 
 GAL_RATIO, RHO, BETA, SIGMA, LR, CLIP = 0.5, 0.25, 0.9, 0.1, 2e-3, 1.0
 
@@ -71,8 +74,9 @@ def module_key(name: str) -> str:
 class Setup:
     """The trainable-tensor configuration of one variant, entered around each timed step."""
 
-    def __init__(self, model, trainable: set[str], *, masks=None, local_keys=(), label=""):
+    def __init__(self, model, trainable: set[str], *, masks=None, local_keys=(), label="", prefix=None):
         self.model, self.trainable, self.masks, self.local_keys, self.label = model, trainable, masks, local_keys, label
+        self.prefix = prefix  # a filled FrozenPrefixCache, replayed in the step
         self.params = dict(model.named_parameters())
         self.all_names = [n for n in self.params if ".lora_" in n or ".modules_to_save." in n]
         self.optimizer = None
@@ -146,6 +150,16 @@ def depth_setup(model, k: int) -> Setup:
     return Setup(model, {n for n in names if ".lora_" not in n or block_index(n) >= k}, label=f"lowest_block={k}")
 
 
+def cached_setup(model, data, idx, k: int, device) -> Setup:
+    """lowest_block=k with the blocks below k replayed from a cache filled once (eval mode) for the batch."""
+    s = depth_setup(model, k)
+    cache = FrozenPrefixCache(k, [])
+    cache.hidden = [None] * len(data)
+    cache.fill(model, [idx], lambda rows: model_inputs(data, rows, device))
+    s.prefix, s.label = cache, f"cached_prefix={k}"
+    return s
+
+
 def phases(model, data, idx, s: Setup, device, repeats: int) -> dict:
     """Forward / backward / optimizer seconds of one step, the body of train_steps with timers."""
     out = {"forward": [], "backward": [], "optimizer": []}
@@ -191,6 +205,9 @@ def bench_model(name: str, args) -> None:
     depths = sorted({0, L // 4, L // 2, (3 * L) // 4, L - 1, L}) if not args.no_sweep else []
     for k in depths:
         variants[f"lowest_block={k}"] = depth_setup(model, k)
+    for k in depths:
+        if 0 < k < L:
+            variants[f"cached_prefix={k}"] = cached_setup(model, data, idx, k, args.device)
 
     probe = BackwardProbe(blocks)
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -203,7 +220,8 @@ def bench_model(name: str, args) -> None:
                 probe.reset()
                 sync(args.device)
                 t0 = time.perf_counter()
-                train_steps(model, data, [idx], s.optimizer, device=args.device, max_grad_norm=CLIP, after_step=after)
+                train_steps(model, data, [idx], s.optimizer, device=args.device, max_grad_norm=CLIP, after_step=after,
+                            prefix=s.prefix)
                 sync(args.device)
                 dt = time.perf_counter() - t0
                 hit[label] = sorted(probe.hit)
@@ -215,7 +233,8 @@ def bench_model(name: str, args) -> None:
     common = {"bench": "local_step", "model": name, "batch": args.batch, "seq_len": args.seq_len,
               "real_tokens_mean": round(real_tokens, 1), "num_blocks": L, **context(args),
               "loadavg_before": load_before, "loadavg_after": load_after}
-    lowest_of = {"dense": 0, "fibec": info["lowest_trainable_block"], **{f"lowest_block={k}": k for k in depths}}
+    lowest_of = {"dense": 0, "fibec": info["lowest_trainable_block"], **{f"lowest_block={k}": k for k in depths},
+                 **{f"cached_prefix={k}": k for k in depths}}
     skips = {}
     for label, t in times.items():
         expected = list(range(lowest_of[label], L))

@@ -116,7 +116,7 @@ def test_cached_prefix_changes_no_result_and_is_filled_by_the_scoring_pass(dropo
     model_dir, csv = dropout_free_assets
     common = ("client_num_in_total=2", "client_num_per_round=2", "comm_round=3", "epochs=1", "local_steps=null",
               "gal_shape=suffix", "sparse_target=gal", "g0=0.3")
-    plain = run_federation(tiny_config(model_dir, csv, *common), tmp_path / "plain")
+    plain = run_federation(tiny_config(model_dir, csv, *common, "cache_frozen_prefix=false"), tmp_path / "plain")
     cfg = tiny_config(model_dir, csv, *common, "cache_frozen_prefix=true")
     cached = run_federation(cfg, tmp_path / "cached")
 

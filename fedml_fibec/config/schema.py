@@ -232,7 +232,7 @@ class FibecArgs:
                                  "modules (an A row sums hidden-size squared gradients, a B row r of them, so this "
                                  "mostly ranks module types); per_module: the top rho of each module.",
                                  ("global", "per_module"))
-    cache_frozen_prefix: bool = option(False, "When the blocks below the lowest trained one are frozen (gal_shape=suffix "
+    cache_frozen_prefix: bool = option(True, "When the blocks below the lowest trained one are frozen (gal_shape=suffix "
                                        "with sparse_target=gal), compute their output once per sample in eval mode "
                                        "(no dropout there) on the device, keep it in the device's state, and replay "
                                        "it instead of running those blocks in every step and participation.")
