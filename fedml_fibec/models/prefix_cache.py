@@ -162,6 +162,8 @@ class FrozenPrefixCache:
     def fill(self, model: nn.Module, batches: list[Tensor], make_inputs: Callable[[Tensor], dict]) -> int:
         """Compute the missing samples' prefix outputs (eval mode, prefix only); return how many."""
         todo = set(self.missing())
+        if not todo:  # the usual case after the first participation: nothing to run or scan
+            return 0
         done = 0
         for rows in batches:
             rows = torch.tensor([int(i) for i in rows if int(i) in todo], dtype=torch.long)
