@@ -1,4 +1,6 @@
 """One-pass Fisher difficulty scores against the per-sample loop (FIBECFED.md section 1)."""
+import copy
+
 import peft
 import pytest
 import torch
@@ -115,6 +117,25 @@ def test_score_dataset_batching_equals_one_batch(wrt):
     ids, mask, labels = batch(n=7)
     whole = ONE_PASS[wrt](model, ids, mask, labels, fisher="true")
     assert rel_err(score_dataset(model, ids, mask, labels, batch_size=3, wrt=wrt, fisher="true"), whole) < RTOL
+
+
+@pytest.mark.parametrize("wrt", ["embeddings", "lora", "logits"])
+def test_sentence_pairs_are_scored_with_their_segment_ids(wrt):
+    # A pair task's second text is segment 1 on BERT: the one-pass scores with the segment ids must
+    # match the per-sample loop given them, and differ from scoring every token as segment 0.
+    model = copy.deepcopy(lora_model("bert"))  # a copy: the cached model is shared by other tests
+    with torch.no_grad():  # the random type embedding of segment 1 must differ from segment 0's
+        model.base_model.model.bert.embeddings.token_type_embeddings.weight[1].normal_(0, 1.0)
+    ids, mask, labels = batch()
+    lengths = mask.sum(1, keepdim=True)
+    segments = ((torch.arange(ids.shape[1]).unsqueeze(0) >= lengths // 2) & mask.bool()).long()
+    assert segments.any()
+    got = ONE_PASS[wrt](model, ids, mask, labels, token_type_ids=segments)
+    ref = per_sample_fisher_scores(model, ids, mask, labels, wrt=wrt, token_type_ids=segments)
+    assert rel_err(got, ref) < RTOL
+    batched = score_dataset(model, ids, mask, labels, batch_size=4, wrt=wrt, token_type_ids=segments)
+    assert rel_err(batched, ref) < RTOL
+    assert rel_err(ONE_PASS[wrt](model, ids, mask, labels), ref) > 10 * RTOL
 
 
 def test_training_grads_and_modes_untouched():

@@ -112,38 +112,60 @@ def test_perturbation_zero_sigma_zero_and_positive_otherwise(family):
     assert (pos > 0).all() and torch.equal(pos, again)
 
 
-def test_perturbation_matches_hand_computation():
+def pair_segments(mask):
+    """Segment ids of a sentence pair: the second half of each sample's real tokens is segment 1."""
+    positions = torch.arange(mask.shape[1]).unsqueeze(0)
+    return ((positions >= mask.sum(1, keepdim=True) // 2) & mask.bool()).long()
+
+
+def with_distinct_segments(model):
+    """Segment 1's type embedding far from segment 0's, so scoring without the segment ids shows."""
+    with torch.no_grad():
+        model.base_model.model.bert.embeddings.token_type_embeddings.weight[1].normal_(0, 1.0)
+    return model
+
+
+@pytest.mark.parametrize("pairs", [False, True])
+def test_perturbation_matches_hand_computation(pairs):
     # Reference via inputs_embeds and output_hidden_states, rebuilding the same noise.
-    model = lora_model("bert")
+    model = with_distinct_segments(lora_model("bert")) if pairs else lora_model("bert")
     ids, mask, _ = batch()
+    segments = {"token_type_ids": pair_segments(mask)} if pairs else {}
     sigma = 0.05
     got = perturbation_layer_scores(model, ids, mask, blocks=blocks_of(model, "bert"), sigma=sigma,
-                                    generator=torch.Generator().manual_seed(3))
+                                    generator=torch.Generator().manual_seed(3), **segments)
     with torch.no_grad():
         emb = model.get_input_embeddings()(ids)
         noise = torch.randn(emb.shape, generator=torch.Generator().manual_seed(3))
         noise = noise * sigma * emb.norm(dim=-1, keepdim=True) / math.sqrt(emb.shape[-1]) * mask[..., None]
-        clean = model(inputs_embeds=emb, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
-        noisy = model(inputs_embeds=emb + noise, attention_mask=mask, output_hidden_states=True).hidden_states[1:]
+        clean = model(inputs_embeds=emb, attention_mask=mask, output_hidden_states=True, **segments).hidden_states[1:]
+        noisy = model(inputs_embeds=emb + noise, attention_mask=mask, output_hidden_states=True,
+                      **segments).hidden_states[1:]
     expected = []
     for h, h2 in zip(clean, noisy):
         per_sample = [(h2[b][mask[b].bool()] - h[b][mask[b].bool()]).norm() / h[b][mask[b].bool()].norm()
                       for b in range(len(ids))]
         expected.append(torch.stack(per_sample).mean())
     assert torch.allclose(got, torch.stack(expected), rtol=1e-5, atol=0)
+    if pairs:  # the segment ids reached the model: without them the scores differ
+        plain = perturbation_layer_scores(model, ids, mask, blocks=blocks_of(model, "bert"), sigma=sigma,
+                                          generator=torch.Generator().manual_seed(3))
+        assert not torch.allclose(got, plain, rtol=1e-4, atol=0)
 
 
-def test_grad_sensitivity_matches_hand_computation():
-    model = lora_model("bert")
+@pytest.mark.parametrize("pairs", [False, True])
+def test_grad_sensitivity_matches_hand_computation(pairs):
+    model = with_distinct_segments(lora_model("bert")) if pairs else lora_model("bert")
     ids, mask, labels = batch()
+    segments = {"token_type_ids": pair_segments(mask)} if pairs else {}
 
     def block_of(name):
         m = re.search(r"\.layer\.(\d+)\.", name)
         return int(m.group(1)) if m else None
 
-    got = grad_sensitivity_layer_scores(model, ids, mask, labels, block_of=block_of, num_blocks=2)
+    got = grad_sensitivity_layer_scores(model, ids, mask, labels, block_of=block_of, num_blocks=2, **segments)
     model.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask).logits, labels)
+    loss = torch.nn.functional.cross_entropy(model(input_ids=ids, attention_mask=mask, **segments).logits, labels)
     loss.backward()
     sums, counts = [0.0, 0.0], [0, 0]
     for name, p in model.named_parameters():
@@ -154,3 +176,6 @@ def test_grad_sensitivity_matches_hand_computation():
     model.zero_grad(set_to_none=True)
     expected = torch.tensor([s / c for s, c in zip(sums, counts)])
     assert (got > 0).all() and torch.allclose(got, expected, rtol=1e-5, atol=0)
+    if pairs:
+        plain = grad_sensitivity_layer_scores(model, ids, mask, labels, block_of=block_of, num_blocks=2)
+        assert not torch.allclose(got, plain, rtol=1e-4, atol=0)

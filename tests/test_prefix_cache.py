@@ -102,7 +102,9 @@ def dropout_free_assets(tmp_path_factory):
     model.save_pretrained(root / "model")
     tiny_tokenizer().save_pretrained(root / "model")
     texts, labels = tiny_texts(120, seed=3)
-    pd.DataFrame({"text": texts, "label": labels}).to_csv(root / "data.csv", index=False)
+    seconds, _ = tiny_texts(120, seed=4)
+    # One file serves both tests: single-text runs read `text`, pair runs also read `text2`.
+    pd.DataFrame({"text": texts, "text2": seconds, "label": labels}).to_csv(root / "data.csv", index=False)
     return root / "model", root / "data.csv"
 
 
@@ -137,3 +139,39 @@ def test_cached_prefix_changes_no_result_and_is_filled_by_the_scoring_pass(dropo
         n = int(data.attention_mask[0].sum())
         hidden, _ = run_prefix(model, 1, {"input_ids": data.input_ids[:1, :n], "attention_mask": data.attention_mask[:1, :n]})
         torch.testing.assert_close(kept["hidden"][0], hidden[0])
+
+
+def test_pair_task_cache_holds_the_prefix_output_of_the_segmented_inputs(dropout_free_assets, tmp_path):
+    """Sentence pairs on BERT: the scoring pass sees the segment ids, so the cache it fills is block 0's
+    output for the inputs training sees (second text in segment 1), and the run equals the uncached one."""
+    from harness import build_model, run_federation, tiny_config
+
+    model_dir, csv = dropout_free_assets
+    common = ("client_num_in_total=2", "client_num_per_round=2", "comm_round=2", "epochs=1", "local_steps=null",
+              "gal_shape=suffix", "sparse_target=gal", "g0=0.3", "text_pair_column=text2", "max_seq_length=24")
+    plain = run_federation(tiny_config(model_dir, csv, *common, "cache_frozen_prefix=false"), tmp_path / "plain")
+    cfg = tiny_config(model_dir, csv, *common, "cache_frozen_prefix=true")
+    cached = run_federation(cfg, tmp_path / "cached")
+    for a, b in zip(plain.records, cached.records):
+        assert a["global_accuracy"] == pytest.approx(b["global_accuracy"], abs=1e-9)
+    for k, v in plain.server.global_tensors.items():
+        torch.testing.assert_close(cached.server.global_tensors[k], v, rtol=1e-5, atol=1e-6)
+
+    model = build_model(cfg)[0]
+    data = cached.data.train[0].data
+    assert data.token_type_ids is not None and bool(data.token_type_ids.any())
+    # The difficulty scores (round 0, the initial model) are those of the segmented inputs.
+    from fedml_fibec.algorithm import score_dataset
+
+    fb = cfg.fibec_args
+    score = lambda **kw: score_dataset(model, data.input_ids, data.attention_mask, data.labels, wrt=fb.wrt,
+                                       fisher=fb.fisher, normalize=fb.normalize, **kw)
+    difficulty = cached.store.load(0)["difficulty"]
+    torch.testing.assert_close(difficulty, score(token_type_ids=data.token_type_ids), rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(difficulty, score(), rtol=1e-4, atol=1e-6)
+    kept = cached.store.load(0)["prefix_cache"]["hidden"]
+    for i in range(len(data)):
+        n = int(data.attention_mask[i].sum())
+        inputs = {"input_ids": data.input_ids[i:i + 1, :n], "attention_mask": data.attention_mask[i:i + 1, :n],
+                  "token_type_ids": data.token_type_ids[i:i + 1, :n]}
+        torch.testing.assert_close(kept[i], run_prefix(model, 1, inputs)[0][0])

@@ -71,6 +71,14 @@ def _log_probs(model: nn.Module, **inputs: Tensor) -> Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
+def _segments(token_type_ids: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+    """The segment ids as model inputs, if there are any: a sentence pair's second text is segment 1 on
+    BERT-family models, and scoring without them would score other inputs than the ones trained on."""
+    if token_type_ids is None:
+        return {}
+    return {"token_type_ids": token_type_ids.to(device)}
+
+
 def _objectives(log_probs: Tensor, labels: Tensor, fisher: str) -> list[tuple[Tensor, Tensor | None]]:
     """(summed log-likelihood, per-sample weight) pairs whose weighted squared grads give the trace."""
     if fisher == "empirical":
@@ -95,6 +103,7 @@ def embedding_fisher_scores(
     *,
     fisher: str = "empirical",
     normalize: str = "none",
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Trace of each sample's Fisher w.r.t. its input token embeddings, from one batched backward."""
     _check_options("embeddings", fisher, normalize)
@@ -113,7 +122,8 @@ def embedding_fisher_scores(
     handle = model.get_input_embeddings().register_forward_hook(keep_output)
     try:
         with eval_mode(model), torch.enable_grad():
-            log_probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask)
+            log_probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask,
+                                   **_segments(token_type_ids, device))
             if len(captured) != 1:
                 raise RuntimeError(f"input embedding module ran {len(captured)} times in one forward, expected 1")
             emb = captured[0]
@@ -137,6 +147,7 @@ def logit_fisher_scores(
     *,
     fisher: str = "empirical",
     normalize: str = "none",
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Trace of each sample's Fisher w.r.t. its logits z, in closed form from one forward pass (no backward).
 
@@ -147,7 +158,8 @@ def logit_fisher_scores(
     device = model_device(model)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     with eval_mode(model), torch.no_grad():
-        probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask).exp()
+        probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask,
+                           **_segments(token_type_ids, device)).exp()
     sum_sq = probs.square().sum(dim=1)
     if fisher == "empirical":
         p_y = probs.gather(1, labels.reshape(-1, 1).to(device)).squeeze(1)
@@ -165,6 +177,7 @@ def lora_fisher_scores(
     *,
     fisher: str = "empirical",
     normalize: str = "none",
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Trace of each sample's Fisher w.r.t. all LoRA tensors, from one batched backward."""
     _check_options("lora", fisher, normalize)
@@ -181,7 +194,8 @@ def lora_fisher_scores(
     handles = [module.register_forward_hook(keep_io) for _, module in layers]
     try:
         with eval_mode(model), torch.enable_grad():
-            log_probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask)
+            log_probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask,
+                                   **_segments(token_type_ids, device))
             if not records:
                 raise RuntimeError("no LoRA layer ran in the forward pass (merged or disabled adapters?)")
             real = attention_mask.to(torch.float32)
@@ -234,6 +248,7 @@ def per_sample_fisher_scores(
     wrt: str = "embeddings",
     fisher: str = "empirical",
     normalize: str = "none",
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Reference: a loop of one unpadded sample at a time, one backward per sample (and class)."""
     _check_options(wrt, fisher, normalize)
@@ -244,20 +259,23 @@ def per_sample_fisher_scores(
     out = []
     with eval_mode(model), torch.enable_grad():
         for b in range(input_ids.shape[0]):
-            ids = input_ids[b][attention_mask[b].bool()].view(1, -1).to(device)
+            real = attention_mask[b].bool()
+            ids = input_ids[b][real].view(1, -1).to(device)
             mask = torch.ones_like(ids)
+            segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids[b][real].view(1, -1)}
+            segments = _segments(segments.get("token_type_ids"), device)
             label = labels[b].view(1).to(device)
             if wrt == "embeddings":
                 # Unpadded, so inputs_embeds is safe here and keeps the reference independent of hooks.
                 emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                log_probs = _log_probs(model, inputs_embeds=emb, attention_mask=mask)
+                log_probs = _log_probs(model, inputs_embeds=emb, attention_mask=mask, **segments)
                 targets = [emb]
             elif wrt == "logits":  # autograd through log-softmax from the logits as a leaf
-                logits = model(input_ids=ids, attention_mask=mask).logits.detach().float().requires_grad_(True)
+                logits = model(input_ids=ids, attention_mask=mask, **segments).logits.detach().float().requires_grad_(True)
                 log_probs = torch.log_softmax(logits, dim=-1)
                 targets = [logits]
             else:
-                log_probs = _log_probs(model, input_ids=ids, attention_mask=mask)
+                log_probs = _log_probs(model, input_ids=ids, attention_mask=mask, **segments)
                 targets = params
             total = torch.zeros((), dtype=torch.float32, device=device)
             classes = [int(label)] if fisher == "empirical" else range(log_probs.shape[1])
@@ -279,6 +297,7 @@ def score_dataset(
     wrt: str = "embeddings",
     fisher: str = "empirical",
     normalize: str = "none",
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Scores of a whole dataset, batch by batch through the one-pass function for `wrt`."""
     _check_options(wrt, fisher, normalize)
@@ -287,7 +306,8 @@ def score_dataset(
     fn = {"embeddings": embedding_fisher_scores, "lora": lora_fisher_scores, "logits": logit_fisher_scores}[wrt]
     parts = [
         fn(model, input_ids[i:i + batch_size], attention_mask[i:i + batch_size], labels[i:i + batch_size],
-           fisher=fisher, normalize=normalize)
+           fisher=fisher, normalize=normalize,
+           token_type_ids=None if token_type_ids is None else token_type_ids[i:i + batch_size])
         for i in range(0, input_ids.shape[0], batch_size)
     ]
     if not parts:

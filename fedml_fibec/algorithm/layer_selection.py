@@ -15,6 +15,15 @@ def _hidden(output) -> Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+def _model_inputs(input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
+                  device: torch.device) -> dict[str, Tensor]:
+    """The model's inputs on `device`; the segment ids of sentence pairs too, when there are any."""
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    if token_type_ids is not None:
+        inputs["token_type_ids"] = token_type_ids.to(device)
+    return inputs
+
+
 def perturbation_layer_scores(
     model: nn.Module,
     input_ids: Tensor,
@@ -23,6 +32,7 @@ def perturbation_layer_scores(
     blocks: Sequence[nn.Module],
     sigma: float,
     generator: torch.Generator | None = None,
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Mean over samples of ||h_l(x') - h_l(x)||_F / ||h_l(x)||_F per block, over real tokens only.
 
@@ -35,8 +45,8 @@ def perturbation_layer_scores(
     if not blocks:
         raise ValueError("blocks is empty")
     device = model_device(model)
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    real = attention_mask.to(torch.float32).unsqueeze(-1)
+    inputs = _model_inputs(input_ids, attention_mask, token_type_ids, device)
+    real = inputs["attention_mask"].to(torch.float32).unsqueeze(-1)
     hidden: list[Tensor | None] = [None] * len(blocks)
     noise_sigma = 0.0  # the clean pass first; the hook reads the value current at call time
 
@@ -57,10 +67,10 @@ def perturbation_layer_scores(
     handles += [block.register_forward_hook(keeper(i)) for i, block in enumerate(blocks)]
     try:
         with eval_mode(model), torch.no_grad():
-            model(input_ids=input_ids, attention_mask=attention_mask)
+            model(**inputs)
             clean = list(hidden)
             noise_sigma = float(sigma)
-            model(input_ids=input_ids, attention_mask=attention_mask)
+            model(**inputs)
             noisy = list(hidden)
     finally:
         for h in handles:
@@ -83,6 +93,7 @@ def grad_sensitivity_layer_scores(
     *,
     block_of: Callable[[str], int | None],
     num_blocks: int,
+    token_type_ids: Tensor | None = None,
 ) -> Tensor:
     """Mean |theta * dL/dtheta| over the elements of each block's LoRA tensors (L = mean cross-entropy).
 
@@ -97,7 +108,7 @@ def grad_sensitivity_layer_scores(
         raise ValueError(f"block_of returned indices {bad} outside [0, {num_blocks})")
     device = model_device(model)
     with eval_mode(model), torch.enable_grad():
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+        logits = model(**_model_inputs(input_ids, attention_mask, token_type_ids, device)).logits
         loss = nn.functional.cross_entropy(logits.float(), labels.to(device))
         grads = torch.autograd.grad(loss, [p for _, p, _ in named])
     totals = torch.zeros(num_blocks, dtype=torch.float32, device=device)

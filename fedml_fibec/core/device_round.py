@@ -216,16 +216,14 @@ class DeviceRound:
                           prefix: Optional[FrozenPrefixCache] = None) -> torch.Tensor:
         """Easy-to-hard order of the device's samples, scored with the current model when due.
 
-        The scoring pass runs the whole model in eval mode, so it also fills `prefix` on the way
-        (when the scoring sees the same inputs as training: no segment ids, or all zero).
+        The scoring pass runs the whole model in eval mode on the training inputs (segment ids
+        included), so it also fills `prefix` on the way.
         """
         fb = self.cfg.fibec_args
         seen = state.get("participations", 0)
         due = "difficulty" not in state or (fb.refresh_every > 0 and seen > 0 and seen % fb.refresh_every == 0)
         if due:
-            # The scoring forward passes no token_type_ids (the model takes zeros), so it only sees the
-            # training inputs when the data has none that are set.
-            capture = prefix is not None and (data.token_type_ids is None or not bool(data.token_type_ids.any()))
+            capture = prefix is not None
             watch = capture_prefix_output(self.model, prefix.first_trained) if capture else contextlib.nullcontext()
             scores = torch.empty(len(data))
             with watch as seen_out:
@@ -233,7 +231,8 @@ class DeviceRound:
                     inputs = model_inputs(data, rows, device)
                     scores[rows] = alg.score_dataset(
                         self.model, inputs["input_ids"], inputs["attention_mask"], data.labels[rows].to(device),
-                        batch_size=len(rows), wrt=fb.wrt, fisher=fb.fisher, normalize=fb.normalize).cpu()
+                        batch_size=len(rows), wrt=fb.wrt, fisher=fb.fisher, normalize=fb.normalize,
+                        token_type_ids=inputs.get("token_type_ids")).cpu()
                     if capture:
                         prefix.store(rows, seen_out["hidden"], inputs["attention_mask"], seen_out["tuple"])
             state["difficulty"] = scores
@@ -245,11 +244,12 @@ class DeviceRound:
         n = min(len(data), fb.layer_score_samples)
         idx = torch.randperm(len(data), generator=generator)[:n]
         ids, mask, y = data.input_ids[idx].to(device), data.attention_mask[idx].to(device), data.labels[idx].to(device)
+        segments = None if data.token_type_ids is None else data.token_type_ids[idx].to(device)
         if fb.layer_score == "perturbation":
             noise = torch.Generator(device=device)
             noise.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
             return alg.perturbation_layer_scores(self.model, ids, mask, blocks=transformer_blocks(self.model),
-                                                 sigma=fb.sigma, generator=noise).cpu()
+                                                 sigma=fb.sigma, generator=noise, token_type_ids=segments).cpu()
         return alg.grad_sensitivity_layer_scores(self.model, ids, mask, y, block_of=block_index,
-                                                 num_blocks=num_blocks(self.model)).cpu()
+                                                 num_blocks=num_blocks(self.model), token_type_ids=segments).cpu()
 
