@@ -256,6 +256,9 @@ def build_report(root: Path, methods: Sequence[str], ns: argparse.Namespace, hea
         for row in rows:
             c = choices.get(row["method"], {})
             row["tuned_setting"], row["validation_score"] = " ".join(c.get("setting") or []), c.get("score")
+            if c:
+                row["tuning_points"] = f"{c['points_run']}/{c['points_total']}"
+                row["tuning_incomplete"] = c["points_run"] < c["points_total"]
         majority = {r["method"]: r.get("majority_share") for r in rows if r.get("at_majority")}
         header += "\n" + tuning_markdown(choices, ns, majority)
     write_csv(rows, root / "compare.csv")
@@ -264,11 +267,30 @@ def build_report(root: Path, methods: Sequence[str], ns: argparse.Namespace, hea
     return {"target": target, "target_note": note, "rows": rows, "plots": [str(p) for p in plots]}
 
 
-def _header(ns: argparse.Namespace, methods: Sequence[str], argv: Sequence[str], seconds: float) -> str:
+def runs_wall_seconds(root: Path) -> tuple[float, int]:
+    """Summed wall time and count of the finished runs under `root` (every seed and grid point, each
+    counted once): the comparison's cost whatever sittings or copied-in runs it took."""
+    total, count = 0.0, 0
+    # The <root>/<method> links of a tuned comparison point into tuning/: not followed, so not counted twice.
+    for folder, _dirs, files in os.walk(root, followlinks=False):
+        if STATUS_FILE not in files:
+            continue
+        try:
+            status = json.loads((Path(folder) / STATUS_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if status.get("status") == "ok":
+            total, count = total + float(status.get("wall_seconds") or 0.0), count + 1
+    return total, count
+
+
+def _header(ns: argparse.Namespace, methods: Sequence[str], argv: Sequence[str], seconds: float,
+            runs: tuple[float, int] = (0.0, 0)) -> str:
     lines = ["# Comparison", "", "```", "python run_scripts/compare_baselines.py " + shlex.join(argv), "```", "",
              f"Methods: {', '.join(methods)}; seeds 0..{ns.seeds - 1}; config "
              f"{ns.cf or 'embedded default'} with {', '.join(ns.overrides) or 'no overrides'}; "
-             f"total wall time {_fmt_s(seconds)}.", ""]
+             + (f"total wall time {_fmt_s(seconds)} in the sittings of this command; " if seconds > 0 else "")
+             + f"{runs[1]} finished runs took {_fmt_s(runs[0])} together.", ""]
     lines += [f"- **{m}**: {METHODS[m][1]} (`{' '.join(METHODS[m][0])}`)" for m in methods if m in METHODS]
     return "\n".join(lines) + "\n"
 
@@ -339,7 +361,9 @@ def tune(ns: argparse.Namespace, methods: Sequence[str], grids: dict[str, list[G
             rows.append({"slug": point.slug, "setting": point.overrides, "score": scores[-1],
                          "final_accuracy": (summary or {}).get("final_accuracy")})
         best = choose(points, scores)
-        choice = {"points": rows, "setting": None, "slug": None, "score": None}
+        # A choice among part of the grid is provisional: the report says how much of the grid has run.
+        choice = {"points": rows, "setting": None, "slug": None, "score": None,
+                  "points_run": sum(s is not None for s in scores), "points_total": len(points)}
         if best is not None:
             choice.update(setting=points[best].overrides, slug=points[best].slug, score=scores[best])
             link = root / method
@@ -367,6 +391,11 @@ def tuning_markdown(choices: dict[str, dict], ns: argparse.Namespace, majority: 
             cell = lambda x: "-" if x is None else f"{x:.4f}"
             name = f"**{row['slug']}**" if chosen else row["slug"]
             lines.append(f"| {method} | {name} | {cell(row['score'])} | {cell(row['final_accuracy'])} |")
+    partial = [f"{m} {c['points_run']}/{c['points_total']}" for m, c in choices.items()
+               if c["points_run"] < c["points_total"]]
+    if partial:
+        lines += ["", "Tuning not finished (grid points with a validation score / grid points): " + ", ".join(partial)
+                  + ". Their bold point is the best so far, not a final choice."]
     stuck = [m for m, share in majority.items() if share is not None]
     if stuck:
         lines += ["", "At the majority class after tuning (best test accuracy within 0.5 points of the largest "
@@ -433,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The header names the command that made the runs, not the --report-only call that re-read them.
         made = json.loads(run_record.read_text())
         header_argv, seconds = made["argv"], made["wall_seconds"]
-    header = _header(ns, methods, header_argv, seconds)
+    header = _header(ns, methods, header_argv, seconds, runs_wall_seconds(root))
     report = build_report(root, methods, ns, header, choices)
     print()
     print((root / "compare.md").read_text())

@@ -179,3 +179,21 @@ def test_collect_variants_labels_runs_of_several_comparisons_and_keeps_their_fil
     bad = subprocess.run([sys.executable, str(script), "--out", str(out), "--run", f"x={tmp_path / 'none'}"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "no seed*/metrics.jsonl under" in bad.stderr
+
+
+def test_method_ranks_order_means_share_ties_and_skip_missing():
+    from fedml_fibec.report.compare import method_ranks, ranks_markdown
+
+    rows = [
+        {"method": "A", "final_acc_mean": 0.80, "seconds_to_target_mean": 100.0, "mb_up_mean": 30.0},
+        {"method": "B", "final_acc_mean": 0.85, "seconds_to_target_mean": None, "mb_up_mean": 60.0},
+        {"method": "C", "final_acc_mean": 0.80, "seconds_to_target_mean": 50.0, "mb_up_mean": 30.0},
+        {"method": "D", "final_acc_mean": 0.70, "seconds_to_target_mean": 200.0, "mb_up_mean": 10.0},
+    ]
+    ranks = method_ranks(rows)
+    assert [ranks[m]["final acc"] for m in "ABCD"] == [2, 1, 2, 4]  # higher is better; ties share a rank
+    assert [ranks[m]["s to target"] for m in "ABCD"] == [2, None, 1, 3]  # B never reached the target
+    assert [ranks[m]["MB up"] for m in "ABCD"] == [2, 4, 2, 1]
+    md = ranks_markdown(rows)
+    assert "| method | final acc (of 4) | s to target (of 3) | MB up (of 4) |" in md
+    assert "| B | 1 | - | 4 |" in md

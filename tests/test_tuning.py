@@ -140,3 +140,29 @@ def test_a_finished_run_is_kept_when_asked_for_in_other_words(tmp_path):
     assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 1)) is None  # another seed
     (folder / "config.yaml").write_text("- not a config\n")
     assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, ["worker_num=5"])) is None
+
+
+def test_a_partly_run_grid_is_reported_as_provisional_and_runs_are_counted_once(tmp_path, no_mpirun):
+    """One of two grid points has run: the report names the best so far as not final and counts each
+    finished run once, though <out>/<method> links to the chosen point's folder."""
+    grid = _grid(tmp_path, "FedAvg-LoRA:\n  learning_rate: [0.001, 0.005]\n")
+    root = tmp_path / "cmp"
+    argv = ["--out", str(root), "--methods", "FedAvg-LoRA", "--seeds", "1", "--tune", str(grid),
+            "--set", "validation_fraction=0.1", "--report-only"]
+    ns = compare.parse_args(argv)
+    _finished_run(root / "tuning" / "FedAvg-LoRA" / "learning_rate=0.005" / "seed0", ns, "FedAvg-LoRA", 0,
+                  ["learning_rate=0.005"], val=[0.7] * 3, test=[0.6] * 3)
+    assert compare.main(argv) == 0
+    choice = json.loads((root / "tuning" / "choices.json").read_text())["FedAvg-LoRA"]
+    assert (choice["points_run"], choice["points_total"]) == (1, 2)
+    md = (root / "compare.md").read_text()
+    assert "Tuning not finished (grid points with a validation score / grid points): FedAvg-LoRA 1/2." in md
+    assert "| FedAvg-LoRA (tuning 1/2 points, not final) |" in md
+    assert "1 finished runs took 00:00:01 together" in md
+    assert compare.runs_wall_seconds(root) == (1.0, 1)
+    # with the whole grid run, the choice is final and unmarked
+    _finished_run(root / "tuning" / "FedAvg-LoRA" / "learning_rate=0.001" / "seed0", ns, "FedAvg-LoRA", 0,
+                  ["learning_rate=0.001"], val=[0.5] * 3, test=[0.9] * 3)
+    assert compare.main(argv) == 0
+    md = (root / "compare.md").read_text()
+    assert "Tuning not finished" not in md and "| FedAvg-LoRA |" in md and "not final" not in md

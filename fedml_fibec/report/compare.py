@@ -156,7 +156,7 @@ COLUMNS = (
     "target_reached", "rounds_to_target_mean", "rounds_to_target_std",
     "seconds_to_target_mean", "seconds_to_target_std", "train_seconds_to_target_mean", "train_seconds_to_target_std",
     "mb_up_mean", "mb_up_std", "mb_down_mean", "mb_down_std", "sec_per_round_mean", "sec_per_round_std",
-    "tuned_setting", "validation_score", "error",
+    "tuned_setting", "validation_score", "tuning_points", "error",
 )
 
 
@@ -231,6 +231,8 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
             continue
         reached = r["target_reached"] or "-"
         mark = " (majority class)" if r.get("at_majority") else ""
+        if r.get("tuning_incomplete"):
+            mark += f" (tuning {r['tuning_points']} points, not final)"
         lines.append(
             f"| {r['method']}{mark} | {_pm(r['final_acc_mean'], r['final_acc_std'], '.4f')} "
             f"| {_pm(r['best_acc_mean'], r['best_acc_std'], '.4f')} "
@@ -263,7 +265,45 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
     return "\n".join(lines + legend) + "\n"
 
 
+# What each ranked metric is read from, and whether higher is better.
+RANKED = (("final acc", "final_acc_mean", True), ("s to target", "seconds_to_target_mean", False),
+          ("MB up", "mb_up_mean", False))
+
+
+def method_ranks(rows: Sequence[dict]) -> dict[str, dict[str, Optional[int]]]:
+    """Each method's rank (1 = best) on final accuracy, seconds to target and upload, among the methods
+    with a value; equal values share a rank (1, 2, 2, 4). A method that never reached the target has no
+    seconds to target and no rank there (None)."""
+    ranks: dict[str, dict[str, Optional[int]]] = {r["method"]: {} for r in rows}
+    for label, key, higher_better in RANKED:
+        values = {r["method"]: r.get(key) for r in rows if r.get(key) is not None}
+        for method in ranks:
+            v = values.get(method)
+            if v is None:
+                ranks[method][label] = None
+                continue
+            better = sum(1 for w in values.values() if (w > v if higher_better else w < v))
+            ranks[method][label] = better + 1
+    return ranks
+
+
+def ranks_markdown(rows: Sequence[dict]) -> str:
+    """The rank table: which method is first on accuracy, on time to target and on upload."""
+    ranks = method_ranks(rows)
+    counts = {label: sum(1 for r in ranks.values() if r[label] is not None) for label, _, _ in RANKED}
+    lines = ["## Ranks", "", "Rank among the methods with a value (1 = best: highest final accuracy, fewest seconds "
+             "to target, fewest MB up); - = no value (target not reached). Ranks order the means; the spreads "
+             "are in the table above.", "",
+             "| method | " + " | ".join(f"{label} (of {counts[label]})" for label, _, _ in RANKED) + " |",
+             "|---|" + "---|" * len(RANKED)]
+    for method, r in ranks.items():
+        lines.append(f"| {method} | " + " | ".join("-" if r[label] is None else str(r[label])
+                                                    for label, _, _ in RANKED) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_markdown(rows: Sequence[dict], path: str | Path, target: Optional[float], target_note: str,
                    header: str = "") -> None:
     """compare.md: an optional header (command, setting) and the table."""
-    atomic_write_text(path, (header + "\n" if header else "") + markdown_table(rows, target, target_note))
+    atomic_write_text(path, (header + "\n" if header else "") + markdown_table(rows, target, target_note) + "\n"
+                      + ranks_markdown(rows))
