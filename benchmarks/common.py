@@ -35,12 +35,13 @@ QUICK_MODELS = ("tiny-bert", "tiny-llama")
 REAL_MODELS = ("minilm", "smollm2")
 
 
-def base_parser(description: str, *, default_models: tuple[str, ...] = REAL_MODELS) -> argparse.ArgumentParser:
+def base_parser(description: str, *, default_models: tuple[str, ...] = REAL_MODELS,
+                quick_models: tuple[str, ...] = QUICK_MODELS) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true",
                    help="tiny random models, few repeats: checks that the script runs (tests), measures nothing")
     p.add_argument("--models", nargs="+", default=None,
-                   help=f"models to measure (default {' '.join(default_models)}; --quick: {' '.join(QUICK_MODELS)})")
+                   help=f"models to measure (default {' '.join(default_models)}; --quick: {' '.join(quick_models)})")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls of each variant first")

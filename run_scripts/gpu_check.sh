@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# GPU check of fedml-fibec on a machine with one NVIDIA GPU and no internet, in under 8 minutes:
+# GPU check of fedml-fibec on a machine with one NVIDIA GPU and no internet, in under 9 minutes (limits:
+# tests 150 s, job 300 s, models 120 s; far less on a working GPU):
 #   1. installs what is missing from wheels carried in ./.whl (pip --no-index), checks the imports
 #   2. runs the unit tests that touch CUDA:  pytest -m cuda
 #   3. runs a 3-round FibecFed job with SmolLM2 over `mpirun -np 3` on the GPU (bf16 autocast, the GPU
 #      mapping config/gpu_mapping.yaml:mapping_1gpu_np3), instrumented by benchmarks/bench_round.py,
 #      and prints the time of each round and each rank's peak GPU memory.
+#   4. benchmarks/bench_models.py on the GPU: time per round and memory of the models by name.
 #
 # Usage:  run_scripts/gpu_check.sh            the real check (needs CUDA)
 #         run_scripts/gpu_check.sh --dry-run  the same steps on the CPU with a tiny random Llama and a
@@ -132,7 +134,7 @@ EOF
   JOB=(--set model="$MODEL" --set using_gpu=true --set gpu_mapping_file=config/gpu_mapping.yaml
        --set gpu_mapping_key=mapping_1gpu_np3 --set bf16=true --set comm_round=3 --set local_steps=8
        --set max_train_samples=2000 --set device_eval_samples=128)
-  LIMIT=330
+  LIMIT=270
 fi
 say "FibecFed job: mpirun -np 3, ${JOB[*]}"
 timeout $((LIMIT + 30)) $PY benchmarks/bench_round.py run --np 3 --out "$OUT/run" --force --timeout $LIMIT \
@@ -163,5 +165,22 @@ share = summary.get("median_over_rounds", {}).get("overhead_share")
 if share is not None:
     print(f"share of a round outside local compute, scoring and evaluation (median): {share:.3f}")
 EOF
-say "done: tests rc $TEST_RC, job rc $JOB_RC (files in $OUT)"
-[[ $TEST_RC == 0 && $JOB_RC == 0 ]]
+# 4. the models by name: a device's local round and the server's evaluation, time and memory --------
+# (benchmarks/bench_models.py; random weights at each model's published dimensions, fp32; the CPU table
+# is in docs/PERFORMANCE.md, this prints the GPU's.)
+if [[ $MODE == dry ]]; then MODELS_ARGS=(--quick); else MODELS_ARGS=(--device cuda --repeats 3); fi
+say "bench_models.py ${MODELS_ARGS[*]}"
+timeout 120 $PY benchmarks/bench_models.py "${MODELS_ARGS[@]}" > "$OUT/bench_models.jsonl" 2> "$OUT/bench_models.err"
+MODELS_RC=$?
+[[ $MODELS_RC == 0 ]] || { say "FAIL: bench_models rc $MODELS_RC"; tail -5 "$OUT/bench_models.err"; }
+$PY - "$OUT/bench_models.jsonl" <<'EOF'
+import json, sys
+for r in (json.loads(l) for l in open(sys.argv[1]) if l.strip()):
+    if r.get("table") or "model" not in r:
+        continue
+    gpu = r.get("cuda_max_allocated_mb")
+    print(f"{r['model']}: step {r['step_s']:.3f} s, device round {r['round_s']:.2f} s, server eval {r['eval_s']:.2f} s, "
+          f"peak RSS {r['peak_rss_mb_after_train']:.0f} MB" + ("" if gpu is None else f", GPU max allocated {gpu:.0f} MB"))
+EOF
+say "done: tests rc $TEST_RC, job rc $JOB_RC, models rc $MODELS_RC (files in $OUT)"
+[[ $TEST_RC == 0 && $JOB_RC == 0 && $MODELS_RC == 0 ]]

@@ -92,3 +92,22 @@ def test_bench_wire_quick():
     assert len(sends) == 2 and all({"plain_pickled", "tls_codec", "plain_codec"} <= set(r) for r in sends)
     per_round = next(r for r in records if r["case"] == "per_round")
     assert per_round["bytes_per_round_codec"] == 10 * (ser["down"]["codec_bytes"] + ser["up"]["codec_bytes"])
+
+
+def test_bench_models_quick():
+    records = run_json(str(BENCH / "bench_models.py"), "--quick", "--repeats", "1", timeout=600)
+    *models, summary = records
+    expected_targets = {"minilm": ["query", "value"], "roberta-base": ["query", "value"],
+                        "roberta-large": ["query", "value"], "gpt2": ["c_attn"],
+                        "meta-llama/Llama-3.2-1B": ["q_proj", "v_proj"]}
+    assert [r["model"] for r in models] == list(expected_targets)  # one line per model, in order
+    for r in models:
+        assert r["lora_targets"] == expected_targets[r["model"]]  # apply_lora's choice for the family
+        assert r["weights"] == "random (architecture only)" and r["quick"] is True and r["threads"] == 1
+        assert 0 < r["trainable_params"] < r["params"]
+        assert r["step_s"] > 0 and r["eval_s"] > 0 and r["round_s"] == r["step_s"] * r["steps_per_round"]
+        assert r["steps_per_round"] == 2 and r["eval_batches"] == 3  # 8 samples / 4; 20 samples / 8
+        rss = [r[f"peak_rss_mb_after_{k}"] for k in ("imports", "build", "train", "eval")]
+        assert rss == sorted(rss) and rss[1] >= r["weights_mb"]  # one process per model: its own peak
+    assert summary["table"] is True and summary["failed"] == []
+    assert [row["model"] for row in summary["rows"]] == list(expected_targets)
