@@ -290,7 +290,7 @@ def _header(ns: argparse.Namespace, methods: Sequence[str], argv: Sequence[str],
              f"Methods: {', '.join(methods)}; seeds 0..{ns.seeds - 1}; config "
              f"{ns.cf or 'embedded default'} with {', '.join(ns.overrides) or 'no overrides'}; "
              + (f"total wall time {_fmt_s(seconds)} in the sittings of this command; " if seconds > 0 else "")
-             + f"{runs[1]} finished runs took {_fmt_s(runs[0])} together.", ""]
+             + f"{runs[1]} finished run(s) took {_fmt_s(runs[0])} together.", ""]
     lines += [f"- **{m}**: {METHODS[m][1]} (`{' '.join(METHODS[m][0])}`)" for m in methods if m in METHODS]
     return "\n".join(lines) + "\n"
 
