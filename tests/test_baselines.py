@@ -190,6 +190,8 @@ def test_tiny_comparison_under_mpirun(tiny_assets, tmp_path):
     for key in ("global_accuracy", "global_loss", "train_loss", "devices", "bytes_up", "bytes_down"):
         assert [r[key] for r in m["FedAvg-LoRA"]] == [r[key] for r in m["FedML-FedProx"]], key
     assert all(r["server_eval_seconds"] > 0 for name in rows for r in m[name])  # both engines time it
+    assert all(0 < r["train_cpu_seconds"] <= r["train_seconds"] + 1e-3 for name in rows for r in m[name])
+    assert all(float(r["compute_cpu_s_mean"]) > 0 for r in rows.values())  # and the report reads it
     for name in ("accuracy_vs_round.png", "accuracy_vs_seconds.png", "accuracy_vs_mb_up.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "FedML-FedProx" in (out / "compare.md").read_text()

@@ -36,6 +36,17 @@ def test_default_fibecfed_differs_from_fedavg(tiny_assets, tmp_path):
     assert any(not torch.allclose(fedavg[k], fibec[k]) for k in fedavg)
 
 
+def test_rounds_record_the_devices_cpu_seconds_beside_their_wall_seconds(tiny_assets, tmp_path):
+    """Each round's record holds the mean CPU seconds of the devices' scoring and training: positive, and
+    no more than the wall seconds of the same work (a thread's CPU time cannot outrun the clock)."""
+    model_dir, csv = tiny_assets
+    records = run_federation(tiny_config(model_dir, csv, "g0=0.5"), tmp_path / "a").records
+    for r in records:
+        assert 0 < r["train_cpu_seconds"] <= r["train_seconds"] + 1e-3
+        assert 0 <= r["scoring_cpu_seconds"] <= r["scoring_seconds"] + 1e-3
+    assert any(r["scoring_cpu_seconds"] > 0 for r in records)  # the curriculum scored its samples
+
+
 def test_bytes_follow_the_gal_share(tiny_assets, tmp_path):
     model_dir, csv = tiny_assets
     fedavg = run_federation(tiny_config(model_dir, csv, "federated_optimizer=FedAvg"), tmp_path / "a")

@@ -144,12 +144,15 @@ def test_validation_compute_and_majority_columns(tmp_path):
         recs = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
         for i, r in enumerate(recs):
             r.update(val_accuracy=0.5 + 0.1 * i, num_devices=2, train_seconds=3.0, scoring_seconds=1.0)
+            if method == "FedAvg-LoRA":  # a run that recorded CPU seconds; FFA-LoRA's predates them
+                r.update(train_cpu_seconds=2.0, scoring_cpu_seconds=0.5)
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     rows = {r["method"]: r for r in compare_rows(load_runs(root, ["FFA-LoRA", "FedAvg-LoRA"]), None)}
     ffa, avg = rows["FFA-LoRA"], rows["FedAvg-LoRA"]
     assert ffa["at_majority"] and not avg["at_majority"]
     assert avg["val_acc_mean"] == pytest.approx((0.6 + 0.7 + 0.8) / 3)  # last three evaluated rounds
     assert avg["compute_s_mean"] == pytest.approx(4 * 2 * (3.0 + 1.0))
+    assert avg["compute_cpu_s_mean"] == pytest.approx(4 * 2 * (2.0 + 0.5)) and ffa["compute_cpu_s_mean"] is None
     write_markdown(list(rows.values()), root / "compare.md", None, "none", "")
     assert "| FFA-LoRA (majority class) |" in (root / "compare.md").read_text()
 

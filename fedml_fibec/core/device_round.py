@@ -82,7 +82,9 @@ class DeviceRound:
         shared = list(download.tensors)
         local_keys = [k for k in self.keys if k not in download.tensors]
         seed_dropout(cfg.common_args.random_seed, device_id, round_idx)
-        clock = {"scoring_seconds": 0.0}
+        # Wall seconds, and the CPU seconds of this thread (where the work runs with one torch thread, as on
+        # a client rank that shares its cores): CPU time barely moves when other processes share the cores.
+        clock = {"scoring_seconds": 0.0, "scoring_cpu_seconds": 0.0}
 
         if self.method.fibec and fb.sparse_target == "gal":
             # Second reading: the GAL's LoRA trains sparsely; the device-local LoRA stays frozen.
@@ -92,7 +94,7 @@ class DeviceRound:
             sparse_keys, still = local_keys, []
         prefix = self._prefix_cache(state, still, len(data)) if self.method.fibec and fb.cache_frozen_prefix else None
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         n_total = len(data)
         if self.method.fibec and fb.g0 < 1:
             n_use = alg.curriculum_size(round_idx, n_total, g0=fb.g0, T_c=cfg.curriculum_rounds, p=fb.p,
@@ -102,6 +104,7 @@ class DeviceRound:
             order = (self._difficulty_order(data, state, device, prefix) if n_use < n_total
                      else torch.arange(n_total))
             clock["scoring_seconds"] = time.perf_counter() - t0
+            clock["scoring_cpu_seconds"] = time.thread_time() - c0
             batches = alg.curriculum_batches(order, n_use, batch_size=tr.batch_size, generator=generator,
                                              num_steps=alg.local_step_count(n_use, batch_size=tr.batch_size,
                                                                             epochs=tr.epochs, max_steps=tr.local_steps))
@@ -111,7 +114,7 @@ class DeviceRound:
                                         num_steps=alg.local_step_count(n_total, batch_size=tr.batch_size,
                                                                        epochs=tr.epochs, max_steps=tr.local_steps))
 
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         if prefix is not None:  # samples the scoring pass did not see (or a stale cache): prefix only, once
             prefix.fill(self.model, length_sorted_batches(data.attention_mask, fb.scoring_batch_size),
                         lambda rows: model_inputs(data, rows, device))
@@ -128,6 +131,7 @@ class DeviceRound:
         state["local"] = {k: after[k].detach().cpu() for k in local_keys}
         state["participations"] = state.get("participations", 0) + 1
         clock["train_seconds"] = time.perf_counter() - t0
+        clock["train_cpu_seconds"] = time.thread_time() - c0
 
         t0 = time.perf_counter()
         device_acc = None
@@ -139,9 +143,10 @@ class DeviceRound:
             personal_acc, _ = evaluate(self.model, personal_set, batch_size=cfg.validation_args.eval_batch_size,
                                        device=device, bf16=cfg.device_args.bf16)
         clock["eval_seconds"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         scores = self._layer_scores(data, generator, device) if download.rescore else None
         clock["scoring_seconds"] += time.perf_counter() - t0
+        clock["scoring_cpu_seconds"] += time.thread_time() - c0
         stats = {"train_loss": loss, "device_accuracy": device_acc, "personal_accuracy": personal_acc,
                  "curriculum_share": n_use / n_total,
                  "local_steps": len(batches), "samples_seen": sum(len(b) for b in batches),

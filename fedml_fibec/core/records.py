@@ -9,8 +9,9 @@ from ..metrics import MetricsLog
 
 log = logging.getLogger("fedml_fibec")
 
-# Mean seconds per device spent on each part of local work (where the time goes).
-DEVICE_CLOCKS = ("scoring_seconds", "train_seconds", "eval_seconds")
+# Mean seconds per device spent on each part of local work (where the time goes): wall seconds, and the
+# CPU seconds of the thread doing the work (robust to other processes sharing the cores).
+DEVICE_CLOCKS = ("scoring_seconds", "train_seconds", "eval_seconds", "scoring_cpu_seconds", "train_cpu_seconds")
 # Mean local work per device: optimizer steps and samples drawn (the cost measure that is not seconds).
 DEVICE_WORK = ("local_steps", "samples_seen")
 

@@ -49,12 +49,14 @@ class RunResult:
         val = [r["val_accuracy"] for r in self.records if r.get("val_accuracy") is not None][-3:]
         return sum(val) / len(val) if val else None
 
-    def device_compute_seconds(self) -> Optional[float]:
+    def device_compute_seconds(self, cpu: bool = False) -> Optional[float]:
         """Local compute summed over devices and rounds: scoring and training (device evaluation, a
-        measurement of the run, is left out)."""
+        measurement of the run, is left out). Wall seconds, or with `cpu` the CPU seconds of the threads
+        that did it (None for runs made before they were recorded)."""
         total, seen = 0.0, False
+        keys = ("scoring_cpu_seconds", "train_cpu_seconds") if cpu else ("scoring_seconds", "train_seconds")
         for r in self.records:
-            for k in ("scoring_seconds", "train_seconds"):
+            for k in keys:
                 if r.get(k) is not None:
                     total += r[k] * (r.get("num_devices") or 0)
                     seen = True
@@ -152,7 +154,7 @@ def target_accuracy(runs: Sequence[RunResult], *, reference: Sequence[str] = ("F
 COLUMNS = (
     "method", "status", "seeds_ok", "seeds",
     "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "device_acc_mean", "device_acc_std",
-    "val_acc_mean", "val_acc_std", "personal_acc_mean", "personal_acc_std", "compute_s_mean", "compute_s_std", "majority_share", "at_majority",
+    "val_acc_mean", "val_acc_std", "personal_acc_mean", "personal_acc_std", "compute_s_mean", "compute_s_std", "compute_cpu_s_mean", "compute_cpu_s_std", "majority_share", "at_majority",
     "target_reached", "rounds_to_target_mean", "rounds_to_target_std",
     "seconds_to_target_mean", "seconds_to_target_std", "train_seconds_to_target_mean", "train_seconds_to_target_std",
     "mb_up_mean", "mb_up_std", "mb_down_mean", "mb_down_std", "sec_per_round_mean", "sec_per_round_std",
@@ -181,6 +183,7 @@ def compare_rows(runs: Sequence[RunResult], target: Optional[float]) -> list[dic
             ("val_acc", [r.validation_score() for r in good]),
             ("personal_acc", [r.personal_accuracy() for r in good]),
             ("compute_s", [r.device_compute_seconds() for r in good]),
+            ("compute_cpu_s", [r.device_compute_seconds(cpu=True) for r in good]),
         ):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_spread(values)
         shares = [r.summary.get("test_majority_share") for r in good if r.summary.get("test_majority_share")]
@@ -221,13 +224,13 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
     """The comparison as a Markdown table with a short legend."""
     lines = [
         "| method | final acc | best acc | val acc | personal acc | device acc | rounds to target | s to target "
-        "| s to target w/o eval | device compute s | MB up | MB down | s/round | seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| s to target w/o eval | device compute s | device CPU s | MB up | MB down | s/round | seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["status"] == "failed":
             err = (r["error"] or "").replace("|", "/").replace("\n", " ")
-            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | | | | | 0/{r['seeds']} |")
+            lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | | | | | | 0/{r['seeds']} |")
             continue
         reached = r["target_reached"] or "-"
         mark = " (majority class)" if r.get("at_majority") else ""
@@ -243,6 +246,7 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
             f"| {_pm(r['seconds_to_target_mean'], r['seconds_to_target_std'], '.0f')} "
             f"| {_pm(r.get('train_seconds_to_target_mean'), r.get('train_seconds_to_target_std'), '.0f')} "
             f"| {_pm(r.get('compute_s_mean'), r.get('compute_s_std'), '.0f')} "
+            f"| {_pm(r.get('compute_cpu_s_mean'), r.get('compute_cpu_s_std'), '.0f')} "
             f"| {_pm(r['mb_up_mean'], r['mb_up_std'], '.2f')} | {_pm(r['mb_down_mean'], r['mb_down_std'], '.2f')} "
             f"| {_pm(r['sec_per_round_mean'], r['sec_per_round_std'], '.1f')} | {r['seeds_ok']}/{r['seeds']} |")
     legend = [
@@ -255,7 +259,8 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
         "accuracy of the last three evaluated rounds, val acc the same on the validation split (what tuning "
         "chooses by; - without one). Personal acc: each round's devices' own models on their own held-out "
         "samples (personal_eval_fraction), mean of the last three rounds. Device compute s is scoring + local training summed over devices and "
-        "rounds. MB are tensor payload megabytes summed over rounds and devices; s/round is the mean round "
+        "rounds, in wall seconds; device CPU s is the same work in CPU seconds of the thread that did it, which other "
+        "processes on the cores barely change (- for runs made before it was recorded). MB are tensor payload megabytes summed over rounds and devices; s/round is the mean round "
         "time on the server. (majority class): the best accuracy is within 0.5 points of the largest test "
         "class's share.",
     ]

@@ -104,7 +104,7 @@ class BaselineClientTrainer(ClientTrainer):
         state = self.store.load(train_data.device_id)
         generator = device_generator(state, seed, train_data.device_id)
         seed_dropout(seed, train_data.device_id, round_idx)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         batches = alg.local_batches(len(train_data), batch_size=tr.batch_size, generator=generator,
                                     num_steps=alg.local_step_count(len(train_data), batch_size=tr.batch_size,
                                                                    epochs=tr.epochs, max_steps=tr.local_steps))
@@ -114,7 +114,7 @@ class BaselineClientTrainer(ClientTrainer):
         state["rng"] = generator.get_state()
         state["participations"] = state.get("participations", 0) + 1
         self.store.save(train_data.device_id, state)
-        train_seconds = time.perf_counter() - t0
+        train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.thread_time() - c0
         t0 = time.perf_counter()
         device_acc = personal_acc = None
         if self.eval_set is not None:
@@ -125,7 +125,7 @@ class BaselineClientTrainer(ClientTrainer):
                                        device=device, bf16=cfg.device_args.bf16)
         return {"device_id": train_data.device_id, "train_loss": loss, "device_accuracy": device_acc,
                 "personal_accuracy": personal_acc,
-                "num_samples": len(train_data), "train_seconds": train_seconds,
+                "num_samples": len(train_data), "train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds,
                 "eval_seconds": time.perf_counter() - t0, "local_steps": len(batches),
                 "samples_seen": sum(len(b) for b in batches)}
 
