@@ -153,8 +153,15 @@ def test_validation_compute_and_majority_columns(tmp_path):
     assert avg["val_acc_mean"] == pytest.approx((0.6 + 0.7 + 0.8) / 3)  # last three evaluated rounds
     assert avg["compute_s_mean"] == pytest.approx(4 * 2 * (3.0 + 1.0))
     assert avg["compute_cpu_s_mean"] == pytest.approx(4 * 2 * (2.0 + 0.5)) and ffa["compute_cpu_s_mean"] is None
+    assert (avg["compute_cpu_s_seeds"], ffa["compute_cpu_s_seeds"]) == (1, 0)
     write_markdown(list(rows.values()), root / "compare.md", None, "none", "")
     assert "| FFA-LoRA (majority class) |" in (root / "compare.md").read_text()
+    # a mean over fewer seeds than the method ran says so
+    from fedml_fibec.report.compare import markdown_table
+
+    partial = dict(avg, seeds_ok=3, seeds=3, compute_cpu_s_seeds=2)
+    assert f"| {avg['compute_cpu_s_mean']:.0f} (2/3 seeds) |" in markdown_table([partial], None, "none")
+    assert "seeds) |" not in markdown_table([avg], None, "none")
 
 
 def test_collect_variants_labels_runs_of_several_comparisons_and_keeps_their_files(tmp_path):

@@ -154,7 +154,7 @@ def target_accuracy(runs: Sequence[RunResult], *, reference: Sequence[str] = ("F
 COLUMNS = (
     "method", "status", "seeds_ok", "seeds",
     "final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "device_acc_mean", "device_acc_std",
-    "val_acc_mean", "val_acc_std", "personal_acc_mean", "personal_acc_std", "compute_s_mean", "compute_s_std", "compute_cpu_s_mean", "compute_cpu_s_std", "majority_share", "at_majority",
+    "val_acc_mean", "val_acc_std", "personal_acc_mean", "personal_acc_std", "compute_s_mean", "compute_s_std", "compute_cpu_s_mean", "compute_cpu_s_std", "compute_cpu_s_seeds", "majority_share", "at_majority",
     "target_reached", "rounds_to_target_mean", "rounds_to_target_std",
     "seconds_to_target_mean", "seconds_to_target_std", "train_seconds_to_target_mean", "train_seconds_to_target_std",
     "mb_up_mean", "mb_up_std", "mb_down_mean", "mb_down_std", "sec_per_round_mean", "sec_per_round_std",
@@ -186,6 +186,7 @@ def compare_rows(runs: Sequence[RunResult], target: Optional[float]) -> list[dic
             ("compute_cpu_s", [r.device_compute_seconds(cpu=True) for r in good]),
         ):
             row[f"{key}_mean"], row[f"{key}_std"] = _mean_spread(values)
+            row[f"{key}_seeds"] = sum(v is not None for v in values)  # seeds behind the mean
         shares = [r.summary.get("test_majority_share") for r in good if r.summary.get("test_majority_share")]
         row["majority_share"] = shares[0] if shares else None
         # At the majority class: even its best round is within half a point of always answering that class.
@@ -220,6 +221,13 @@ def _pm(mean: Optional[float], std: Optional[float], spec: str) -> str:
     return format(mean, spec) + ("" if std is None else f" ± {format(std, spec)}")
 
 
+def _of_seeds(row: dict, key: str) -> str:
+    """' (k/n seeds)' when only some of a method's seeds have this value (e.g. runs made before it was
+    recorded), so a mean over fewer seeds says so."""
+    k, n = row.get(f"{key}_seeds"), row.get("seeds_ok")
+    return f" ({k}/{n} seeds)" if k and n and k < n else ""
+
+
 def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: str) -> str:
     """The comparison as a Markdown table with a short legend."""
     lines = [
@@ -246,7 +254,7 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
             f"| {_pm(r['seconds_to_target_mean'], r['seconds_to_target_std'], '.0f')} "
             f"| {_pm(r.get('train_seconds_to_target_mean'), r.get('train_seconds_to_target_std'), '.0f')} "
             f"| {_pm(r.get('compute_s_mean'), r.get('compute_s_std'), '.0f')} "
-            f"| {_pm(r.get('compute_cpu_s_mean'), r.get('compute_cpu_s_std'), '.0f')} "
+            f"| {_pm(r.get('compute_cpu_s_mean'), r.get('compute_cpu_s_std'), '.0f')}{_of_seeds(r, 'compute_cpu_s')} "
             f"| {_pm(r['mb_up_mean'], r['mb_up_std'], '.2f')} | {_pm(r['mb_down_mean'], r['mb_down_std'], '.2f')} "
             f"| {_pm(r['sec_per_round_mean'], r['sec_per_round_std'], '.1f')} | {r['seeds_ok']}/{r['seeds']} |")
     legend = [
