@@ -462,6 +462,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # The header names the command that made the runs, not the --report-only call that re-read them.
         made = json.loads(run_record.read_text())
         header_argv, seconds = made["argv"], made["wall_seconds"]
+    else:  # a report of runs no command here made (copied in): only their own wall time is known
+        seconds = 0.0
     header = _header(ns, methods, header_argv, seconds, runs_wall_seconds(root))
     report = build_report(root, methods, ns, header, choices)
     print()

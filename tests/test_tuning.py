@@ -158,7 +158,7 @@ def test_a_partly_run_grid_is_reported_as_provisional_and_runs_are_counted_once(
     md = (root / "compare.md").read_text()
     assert "Tuning not finished (grid points with a validation score / grid points): FedAvg-LoRA 1/2." in md
     assert "| FedAvg-LoRA (tuning 1/2 points, not final) |" in md
-    assert "1 finished run(s) took 00:00:01 together" in md
+    assert "1 finished run(s) took 00:00:01 together" in md and "in the sittings of this command" not in md
     assert compare.runs_wall_seconds(root) == (1.0, 1)
     # with the whole grid run, the choice is final and unmarked
     _finished_run(root / "tuning" / "FedAvg-LoRA" / "learning_rate=0.001" / "seed0", ns, "FedAvg-LoRA", 0,
