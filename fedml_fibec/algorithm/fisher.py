@@ -71,7 +71,7 @@ def _log_probs(model: nn.Module, **inputs: Tensor) -> Tensor:
     return torch.log_softmax(logits.float(), dim=-1)
 
 
-def _segments(token_type_ids: Tensor | None, device: torch.device) -> dict[str, Tensor]:
+def segment_inputs(token_type_ids: Tensor | None, device: torch.device) -> dict[str, Tensor]:
     """The segment ids as model inputs, if there are any: a sentence pair's second text is segment 1 on
     BERT-family models, and scoring without them would score other inputs than the ones trained on."""
     if token_type_ids is None:
@@ -123,7 +123,7 @@ def embedding_fisher_scores(
     try:
         with eval_mode(model), torch.enable_grad():
             log_probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask,
-                                   **_segments(token_type_ids, device))
+                                   **segment_inputs(token_type_ids, device))
             if len(captured) != 1:
                 raise RuntimeError(f"input embedding module ran {len(captured)} times in one forward, expected 1")
             emb = captured[0]
@@ -159,7 +159,7 @@ def logit_fisher_scores(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     with eval_mode(model), torch.no_grad():
         probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask,
-                           **_segments(token_type_ids, device)).exp()
+                           **segment_inputs(token_type_ids, device)).exp()
     sum_sq = probs.square().sum(dim=1)
     if fisher == "empirical":
         p_y = probs.gather(1, labels.reshape(-1, 1).to(device)).squeeze(1)
@@ -195,7 +195,7 @@ def lora_fisher_scores(
     try:
         with eval_mode(model), torch.enable_grad():
             log_probs = _log_probs(model, input_ids=input_ids, attention_mask=attention_mask,
-                                   **_segments(token_type_ids, device))
+                                   **segment_inputs(token_type_ids, device))
             if not records:
                 raise RuntimeError("no LoRA layer ran in the forward pass (merged or disabled adapters?)")
             real = attention_mask.to(torch.float32)
@@ -262,8 +262,8 @@ def per_sample_fisher_scores(
             real = attention_mask[b].bool()
             ids = input_ids[b][real].view(1, -1).to(device)
             mask = torch.ones_like(ids)
-            segments = {} if token_type_ids is None else {"token_type_ids": token_type_ids[b][real].view(1, -1)}
-            segments = _segments(segments.get("token_type_ids"), device)
+            pair = None if token_type_ids is None else token_type_ids[b][real].view(1, -1)
+            segments = segment_inputs(pair, device)
             label = labels[b].view(1).to(device)
             if wrt == "embeddings":
                 # Unpadded, so inputs_embeds is safe here and keeps the reference independent of hooks.

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .fisher import eval_mode, lora_parameters, model_device
+from .fisher import eval_mode, lora_parameters, model_device, segment_inputs
 
 
 def _hidden(output) -> Tensor:
@@ -17,11 +17,9 @@ def _hidden(output) -> Tensor:
 
 def _model_inputs(input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None,
                   device: torch.device) -> dict[str, Tensor]:
-    """The model's inputs on `device`; the segment ids of sentence pairs too, when there are any."""
-    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
-    if token_type_ids is not None:
-        inputs["token_type_ids"] = token_type_ids.to(device)
-    return inputs
+    """The model's inputs on `device`, sentence pairs' segment ids included."""
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+            **segment_inputs(token_type_ids, device)}
 
 
 def perturbation_layer_scores(

@@ -228,8 +228,8 @@ class DeviceRound:
         seen = state.get("participations", 0)
         due = "difficulty" not in state or (fb.refresh_every > 0 and seen > 0 and seen % fb.refresh_every == 0)
         if due:
-            capture = prefix is not None
-            watch = capture_prefix_output(self.model, prefix.first_trained) if capture else contextlib.nullcontext()
+            watch = (capture_prefix_output(self.model, prefix.first_trained) if prefix is not None
+                     else contextlib.nullcontext())
             scores = torch.empty(len(data))
             with watch as seen_out:
                 for rows in length_sorted_batches(data.attention_mask, fb.scoring_batch_size):
@@ -238,7 +238,7 @@ class DeviceRound:
                         self.model, inputs["input_ids"], inputs["attention_mask"], data.labels[rows].to(device),
                         batch_size=len(rows), wrt=fb.wrt, fisher=fb.fisher, normalize=fb.normalize,
                         token_type_ids=inputs.get("token_type_ids")).cpu()
-                    if capture:
+                    if prefix is not None:
                         prefix.store(rows, seen_out["hidden"], inputs["attention_mask"], seen_out["tuple"])
             state["difficulty"] = scores
         return alg.easiest_first(state["difficulty"], data.labels if fb.stratify_by_label else None)
