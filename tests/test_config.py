@@ -55,6 +55,7 @@ def test_file_values_and_overrides_apply_in_order(tmp_path):
     (["backend=GRPC"], ["grpc_ipconfig_path"]),
     (["nosection.comm_round=1"], ["nosection"]),
     (["comm_round"], ["KEY=VALUE"]),
+    (["eval_test_set=false"], ["validation_fraction", "eval_test_set"]),
 ])
 def test_bad_overrides_name_the_key(overrides, words):
     with pytest.raises(ConfigError) as err:
@@ -151,3 +152,15 @@ def test_config_doc_lists_every_key_as_the_schema_says():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "CONFIG.md").read_text()
     assert describe_keys() in doc
+
+
+def test_eval_only_last_keeps_the_last_rounds_of_the_evaluation_schedule():
+    """Against the schedule written out: every frequency_of_the_test rounds and the last, then its last N."""
+    from fedml_fibec.core.server_round import is_evaluation_round
+
+    for rounds, every, last_n in [(20, 1, None), (20, 1, 3), (10, 3, 2), (10, 3, 1), (7, 2, 10), (5, 5, 3)]:
+        cfg = load_config(None, [f"comm_round={rounds}", f"frequency_of_the_test={every}",
+                                 f"eval_only_last={'null' if last_n is None else last_n}"])
+        schedule = [r for r in range(rounds) if r % every == 0 or r == rounds - 1]
+        expected = schedule if last_n is None else schedule[-last_n:]
+        assert [r for r in range(rounds) if is_evaluation_round(cfg, r)] == expected

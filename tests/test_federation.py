@@ -136,6 +136,26 @@ def test_validation_accuracy_is_the_global_model_on_the_held_out_set(tiny_assets
     assert "val_accuracy" not in plain.records[-1] and plain.data.validation is None
 
 
+def test_a_tuning_run_gives_the_full_runs_last_validation_accuracies_without_the_test_set(tiny_assets, tmp_path):
+    """eval_test_set=false, eval_only_last=3 (compare.TUNING_RUN_OVERRIDES): the validation set only, at the last
+    three evaluation rounds, and there the same accuracies, losses and global tensors as the run that evaluates
+    everything (evaluation draws no random numbers and changes no weight)."""
+    from fedml_fibec.compare import TUNING_RUN_OVERRIDES
+
+    model_dir, csv = tiny_assets
+    common = ("validation_fraction=0.25", "comm_round=5", "personal_eval_fraction=0.2")
+    full = run_federation(tiny_config(model_dir, csv, *common), tmp_path / "full")
+    lean = run_federation(tiny_config(model_dir, csv, *common, *TUNING_RUN_OVERRIDES), tmp_path / "lean")
+    assert all(r["global_accuracy"] is None and r["global_loss"] is None for r in lean.records)
+    assert [r["val_accuracy"] is not None for r in lean.records] == [False, False, True, True, True]
+    assert all(r["global_accuracy"] is not None for r in full.records)
+    for f, g in zip(full.records[2:], lean.records[2:]):
+        assert (f["val_accuracy"], f["val_loss"]) == (g["val_accuracy"], g["val_loss"])
+        assert f["train_loss"] == g["train_loss"] and f["personal_accuracy"] == g["personal_accuracy"]
+    for k, v in full.server.global_tensors.items():
+        assert torch.equal(v, lean.server.global_tensors[k]), k
+
+
 def test_epoch_based_local_work_follows_the_curriculum_share(tiny_assets, tmp_path):
     """epochs=1: each device makes ceil(n_use / batch) steps over the n_use samples of its share."""
     import math

@@ -166,3 +166,32 @@ def test_a_partly_run_grid_is_reported_as_provisional_and_runs_are_counted_once(
     assert compare.main(argv) == 0
     md = (root / "compare.md").read_text()
     assert "Tuning not finished" not in md and "| FedAvg-LoRA |" in md and "not final" not in md
+
+
+def test_grid_points_run_as_tuning_runs_and_the_chosen_point_runs_every_seed_in_full(tmp_path, monkeypatch):
+    """A point without a full run at the tuning seed gets a tuning run (validation only, last three evaluation
+    rounds) in validation-seed0; a point with one is read, not run again. The chosen point's seeds, the tuning
+    seed among them, then run in full in seed<s>; a second sitting runs nothing."""
+    grid = _grid(tmp_path, "FedAvg-LoRA:\n  learning_rate: [0.001, 0.005]\n")
+    root = tmp_path / "cmp"
+    argv = ["--out", str(root), "--methods", "FedAvg-LoRA", "--seeds", "2", "--tune", str(grid),
+            "--set", "validation_fraction=0.1"]
+    ns = compare.parse_args(argv)
+    base = root / "tuning" / "FedAvg-LoRA"
+    _finished_run(base / "learning_rate=0.001" / "seed0", ns, "FedAvg-LoRA", 0, ["learning_rate=0.001"],
+                  val=[0.6] * 3, test=[0.9] * 3)
+    started = []
+
+    def fake_launch(method, seed, ns_, root_, progress, setting=(), out=None):
+        started.append((out.relative_to(base).as_posix(), list(setting)))
+        _finished_run(out, ns_, method, seed, setting, val=[0.8] * 3, test=[0.7] * 3)
+        return {"status": "ok", "error": None, "wall_seconds": 1.0}
+    monkeypatch.setattr(compare, "launch", fake_launch)
+    assert compare.main(argv) == 0
+    assert started == [("learning_rate=0.005/validation-seed0", ["learning_rate=0.005", *compare.TUNING_RUN_OVERRIDES]),
+                       ("learning_rate=0.005/seed0", ["learning_rate=0.005"]),
+                       ("learning_rate=0.005/seed1", ["learning_rate=0.005"])]
+    choice = json.loads((root / "tuning" / "choices.json").read_text())["FedAvg-LoRA"]
+    assert choice["setting"] == ["learning_rate=0.005"] and choice["points_run"] == 2
+    started.clear()
+    assert compare.main(argv) == 0 and started == []

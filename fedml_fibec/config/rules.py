@@ -156,8 +156,16 @@ def _check_local_work(cfg: RunConfig) -> None:
              cfg.source)
 
 
+def _check_evaluation(cfg: RunConfig) -> None:
+    """Without the test set, the validation set is all a run evaluates: it must hold one out."""
+    if not cfg.validation_args.eval_test_set:
+        d = cfg.data_args
+        _require(d.validation_fraction > 0, "validation_fraction", d.validation_fraction,
+                 "more than 0 when eval_test_set is false (the run would evaluate nothing)", cfg.source)
+
+
 CROSS_RULES = (_check_data, _check_sampling, _check_engine, _check_workers, _check_gpu_mapping, _check_backend,
-               _check_gal, _check_local_work, _check_gal_warmup)
+               _check_gal, _check_local_work, _check_gal_warmup, _check_evaluation)
 
 
 def validate(cfg: RunConfig) -> None:

@@ -127,6 +127,12 @@ class TrainArgs:
 class ValidationArgs:
     frequency_of_the_test: int = option(1, "Evaluate the global model every N rounds (and at the last).",
                                         check=at_least(1))
+    eval_only_last: Optional[int] = option(None, "Evaluate the global model only at the last N of those rounds "
+                                           "(null = at all of them). Tuning runs use 3: their score, the mean "
+                                           "validation accuracy of the last three evaluated rounds, reads no other.",
+                                           check=at_least(1, "null (every evaluation round) or at least 1"))
+    eval_test_set: bool = option(True, "Evaluate the global model on the test set; false = on the validation set "
+                                 "only (tuning runs: they choose on validation, so they never read the test set).")
     eval_batch_size: int = option(64, "Batch size for evaluation.", check=at_least(1))
     device_eval_samples: int = option(128, "Global-test samples each participating device evaluates its own "
                                       "model on (0 = skip device accuracy).", check=at_least(0, "0 or more"))

@@ -66,7 +66,8 @@ def progress_line(record: dict, total: int, eta: Optional[float]) -> str:
     """`round r/T  acc ..  device acc ..  loss ..  up .. MB  ..s/round  ETA mm:ss`."""
     def fmt(x, spec="{:.4f}"):
         return "-" if x is None else spec.format(x)
-    return (f"round {record['round'] + 1}/{total}  acc {fmt(record.get('global_accuracy'))}  "
+    val = f"val acc {fmt(record['val_accuracy'])}  " if "val_accuracy" in record else ""
+    return (f"round {record['round'] + 1}/{total}  acc {fmt(record.get('global_accuracy'))}  {val}"
             f"device acc {fmt(record.get('device_accuracy'))}  loss {fmt(record.get('train_loss'))}  "
             f"up {record['bytes_up'] / 1e6:.2f} MB  {record['round_seconds']:.1f}s/round  "
             f"ETA {'-' if eta is None else time.strftime('%M:%S', time.gmtime(eta))}")

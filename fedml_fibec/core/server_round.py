@@ -38,7 +38,8 @@ def evaluate_global(model: nn.Module, cfg: RunConfig, test_set: EncodedSet, vali
     """The global model's test accuracy and loss and, with a validation set, its validation ones (None if not due),
     and `server_eval_seconds`, what that evaluation took.
 
-    Settings are chosen on `val_accuracy`; `global_accuracy` (the test set) is reported, never chosen on.
+    Settings are chosen on `val_accuracy`; `global_accuracy` (the test set) is reported, never chosen on,
+    and stays None in a run with eval_test_set false (a tuning run).
     The evaluation measures the run and is the same work for every method, so the report can also give
     the seconds to target without it (FedML runs it inside the round, between aggregation and the next
     download).
@@ -50,7 +51,8 @@ def evaluate_global(model: nn.Module, cfg: RunConfig, test_set: EncodedSet, vali
     started = time.perf_counter()
     if due:
         kw = dict(batch_size=v.eval_batch_size, device=device, bf16=cfg.device_args.bf16)
-        out["global_accuracy"], out["global_loss"] = evaluate(model, test_set, **kw)
+        if v.eval_test_set:
+            out["global_accuracy"], out["global_loss"] = evaluate(model, test_set, **kw)
         if validation_set is not None:
             out["val_accuracy"], out["val_loss"] = evaluate(model, validation_set, **kw)
     out["server_eval_seconds"] = time.perf_counter() - started
@@ -58,8 +60,17 @@ def evaluate_global(model: nn.Module, cfg: RunConfig, test_set: EncodedSet, vali
 
 
 def is_evaluation_round(cfg: RunConfig, round_idx: int) -> bool:
-    """Every frequency_of_the_test rounds, and the last round."""
-    return round_idx % cfg.validation_args.frequency_of_the_test == 0 or round_idx == cfg.train_args.comm_round - 1
+    """Every frequency_of_the_test rounds, and the last round; with eval_only_last = N, only the last N of these.
+
+    Evaluation reads no random state and the server trains nothing, so the rounds it skips change no other
+    number of the run: a tuning run's last three validation accuracies are those of the full run.
+    """
+    v, last = cfg.validation_args, cfg.train_args.comm_round - 1
+    scheduled = round_idx % v.frequency_of_the_test == 0 or round_idx == last
+    if not scheduled or v.eval_only_last is None:
+        return scheduled
+    later = sum(1 for r in range(round_idx + 1, last + 1) if r % v.frequency_of_the_test == 0 or r == last)
+    return later < v.eval_only_last
 
 
 def gal_is_fixed_suffix(cfg: RunConfig) -> bool:
