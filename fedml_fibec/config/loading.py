@@ -107,12 +107,25 @@ PLACEMENT_KEYS = frozenset({
     "log_level", "torch_threads", "data_cache_dir", "using_gpu", "gpu_mapping_file", "gpu_mapping_key"})
 
 
+# Keys added after runs were saved whose default does what every run before them did (the server's
+# evaluation schedule, added with tuning runs): a saved config without such a key describes the same run
+# as one with the key at its default, so runs made before it keep being reused.
+KEYS_WITH_PAST_DEFAULT = frozenset({"eval_test_set", "eval_only_last"})
+
+
+def _past_default(section: str, key: str, value: Any, saved_section: dict[str, Any]) -> bool:
+    if key not in KEYS_WITH_PAST_DEFAULT or key in saved_section:
+        return False
+    return value == next(f.default for f in fields(SECTIONS[section]) if f.name == key)
+
+
 def config_differences(cfg: RunConfig, saved: dict[str, dict[str, Any]]) -> list[str]:
     """`section.key: saved -> now` for every key (placement keys aside) where `cfg` differs from the
     sections of a saved config (a run's config.yaml); empty when they describe the same run."""
     return [f"{section}.{key}: {saved.get(section, {}).get(key)!r} -> {value!r}"
             for section, values in cfg.to_sections().items() for key, value in values.items()
-            if key not in PLACEMENT_KEYS and saved.get(section, {}).get(key) != value]
+            if key not in PLACEMENT_KEYS and saved.get(section, {}).get(key) != value
+            and not _past_default(section, key, value, saved.get(section, {}))]
 
 
 def dump_yaml(cfg: RunConfig) -> str:
