@@ -63,7 +63,7 @@ class RoundClock:
 
 
 def progress_line(record: dict, total: int, eta: Optional[float]) -> str:
-    """`round r/T  acc ..  device acc ..  loss ..  up .. MB  ..s/round  ETA mm:ss`."""
+    """`round r/T  acc ..  [val acc ..]  device acc ..  loss ..  up .. MB  ..s/round  ETA mm:ss`."""
     def fmt(x, spec="{:.4f}"):
         return "-" if x is None else spec.format(x)
     val = f"val acc {fmt(record['val_accuracy'])}  " if "val_accuracy" in record else ""

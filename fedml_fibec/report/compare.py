@@ -120,7 +120,7 @@ def load_runs(root: str | Path, methods: Optional[Sequence[str]] = None) -> list
         folder = root / name
         seeds = sorted(folder.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
         if not seeds:
-            runs.append(RunResult(method=name, seed=-1, error=f"no run folder under {folder}"))
+            runs.append(RunResult(method=name, seed=-1, error=f"no seed<k> run folder under {folder} (yet)"))
         for s in seeds:
             runs.append(_read_run(s, name, int(s.name[4:]) if s.name[4:].isdigit() else -1))
     return runs
