@@ -37,6 +37,7 @@ from .atomic import atomic_write_text
 from .config import config_differences, load_config
 from .errors import ConfigError
 from .layout import machine, plan
+from .metrics import FINAL_ROUNDS
 from .report import compare_rows, load_runs, plot_curves, target_accuracy, write_csv, write_markdown
 from .report.compare import STATUS_FILE
 from .tuning import GridPoint, choose, load_grid, read_summary, score_of
@@ -342,11 +343,11 @@ def _check_tuning(ns: argparse.Namespace, methods: Sequence[str]) -> dict[str, l
     return grids
 
 
-# A tuning run evaluates what its score reads and nothing else: the validation set at the last three
+# A tuning run evaluates what its score reads and nothing else: the validation set at the last FINAL_ROUNDS
 # evaluation rounds (the score is their mean), never the test set. Evaluation draws no random numbers and
 # the server trains nothing, so these are the validation accuracies the full run would have; the server's
 # evaluation is 40-75% of a full run's wall time on a 2-core machine (docs/results/compare_tuned).
-TUNING_RUN_OVERRIDES = ("eval_test_set=false", "eval_only_last=3")
+TUNING_RUN_OVERRIDES = ("eval_test_set=false", f"eval_only_last={FINAL_ROUNDS}")
 
 
 def tuning_run(ns: argparse.Namespace, method: str, point: GridPoint, folder: Path,

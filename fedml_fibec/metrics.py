@@ -16,6 +16,17 @@ ROUND_KEYS = (
     "rejected_payloads",
 )
 
+# "Final" accuracies are the mean of the last FINAL_ROUNDS evaluated rounds, because one round's accuracy
+# swings by 5-15 points. The tuning score (val_accuracy_last3: the name is a saved file's key) and the
+# rounds a tuning run evaluates (compare.TUNING_RUN_OVERRIDES) use the same window.
+FINAL_ROUNDS = 3
+
+
+def mean_of_last_rounds(values: list[float]) -> float | None:
+    """Mean of the last FINAL_ROUNDS values (of fewer if there are fewer), None if there are none."""
+    tail = values[-FINAL_ROUNDS:]
+    return sum(tail) / len(tail) if tail else None
+
 
 def _clean(value: Any) -> Any:
     """JSON-safe value: NaN/inf become None, tuples lists."""
@@ -83,13 +94,13 @@ class MetricsLog:
         })
 
     def _validation_summary(self) -> dict[str, Any]:
-        """Validation accuracy (runs with a validation split): final, best, and the mean of the last three
-        evaluated rounds, the score settings are chosen by."""
+        """Validation accuracy (runs with a validation split): final, best, and the mean of the last
+        FINAL_ROUNDS evaluated rounds, the score settings are chosen by."""
         vals = [r["val_accuracy"] for r in self.records if r.get("val_accuracy") is not None]
         if not vals:
             return {}
         return {"final_val_accuracy": vals[-1], "best_val_accuracy": max(vals),
-                "val_accuracy_last3": sum(vals[-3:]) / len(vals[-3:])}
+                "val_accuracy_last3": mean_of_last_rounds(vals)}
 
     def write_summary(self, config_sections: dict, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write summary.json atomically and return it."""

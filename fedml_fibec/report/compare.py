@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..atomic import atomic_write_text
-from ..metrics import read_jsonl
+from ..metrics import mean_of_last_rounds, read_jsonl
 
 STATUS_FILE = "run.json"  # written by the comparison launcher: method, seed, status, error
 
@@ -35,19 +35,16 @@ class RunResult:
         return [(r, r["global_accuracy"]) for r in self.records if r.get("global_accuracy") is not None]
 
     def final_accuracy(self) -> Optional[float]:
-        """Mean test accuracy of the last three evaluated rounds (one round's accuracy swings)."""
-        acc = [a for _, a in self.accuracies()][-3:]
-        return sum(acc) / len(acc) if acc else None
+        """Mean test accuracy of the last FINAL_ROUNDS evaluated rounds (one round's accuracy swings)."""
+        return mean_of_last_rounds([a for _, a in self.accuracies()])
 
     def personal_accuracy(self) -> Optional[float]:
-        """Mean over the last three rounds of the devices' own models on their own held-out samples."""
-        acc = [r["personal_accuracy"] for r in self.records if r.get("personal_accuracy") is not None][-3:]
-        return sum(acc) / len(acc) if acc else None
+        """Mean over the last FINAL_ROUNDS rounds of the devices' own models on their own held-out samples."""
+        return mean_of_last_rounds([r["personal_accuracy"] for r in self.records if r.get("personal_accuracy") is not None])
 
     def validation_score(self) -> Optional[float]:
-        """Mean validation accuracy of the last three evaluated rounds (runs with a validation split)."""
-        val = [r["val_accuracy"] for r in self.records if r.get("val_accuracy") is not None][-3:]
-        return sum(val) / len(val) if val else None
+        """Mean validation accuracy of the last FINAL_ROUNDS evaluated rounds (runs with a validation split)."""
+        return mean_of_last_rounds([r["val_accuracy"] for r in self.records if r.get("val_accuracy") is not None])
 
     def device_compute_seconds(self, cpu: bool = False) -> Optional[float]:
         """Local compute summed over devices and rounds: scoring and training (device evaluation, a
