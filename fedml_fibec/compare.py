@@ -40,7 +40,7 @@ from .layout import machine, plan
 from .metrics import FINAL_ROUNDS
 from .report import compare_rows, load_runs, plot_curves, target_accuracy, write_csv, write_markdown
 from .report.compare import STATUS_FILE
-from .tuning import GridPoint, choose, load_grid, read_summary, score_of
+from .tuning import GridPoint, choose, load_grid, range_edges, read_summary, score_of
 
 # name -> (overrides, one-line description)
 METHODS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -387,10 +387,11 @@ def tune(ns: argparse.Namespace, methods: Sequence[str], grids: dict[str, list[G
                          "final_accuracy": (summary or {}).get("final_accuracy")})
         best = choose(points, scores)
         # A choice among part of the grid is provisional: the report says how much of the grid has run.
-        choice = {"points": rows, "setting": None, "slug": None, "score": None,
+        choice = {"points": rows, "setting": None, "slug": None, "score": None, "edges": [],
                   "points_run": sum(s is not None for s in scores), "points_total": len(points)}
         if best is not None:
-            choice.update(setting=points[best].overrides, slug=points[best].slug, score=scores[best])
+            choice.update(setting=points[best].overrides, slug=points[best].slug, score=scores[best],
+                          edges=range_edges(points, best))
             link = root / method
             if link.is_symlink() or not link.exists():
                 tmp = root / f".{method}.link"
@@ -423,6 +424,10 @@ def tuning_markdown(choices: dict[str, dict], ns: argparse.Namespace, majority: 
     if partial:
         lines += ["", "Tuning not finished (grid points with a validation score / grid points): " + ", ".join(partial)
                   + ". Their bold point is the best so far, not a final choice."]
+    edges = [f"{m}: {', '.join(c['edges'])}" for m, c in choices.items() if c.get("edges")]
+    if edges:
+        lines += ["", "Best point at the edge of its range (a better setting may lie beyond it: extend the grid "
+                  "that way; a rerun runs only the new points): " + "; ".join(edges) + "."]
     stuck = [m for m, share in majority.items() if share is not None]
     if stuck:
         lines += ["", "At the majority class after tuning (best test accuracy within 0.5 points of the largest "
@@ -464,6 +469,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ConfigError as exc:
             print(f"compare_baselines: {exc}", file=sys.stderr)
             return 2
+        for m in methods:
+            if choices[m]["edges"] and not ns.report_only:
+                print(f"compare_baselines: {m}'s best point is at the edge of its grid: "
+                      f"{', '.join(choices[m]['edges'])}; extend the range in {ns.tune} to look beyond it",
+                      file=sys.stderr)
         missing = [m for m in methods if choices[m]["setting"] is None]
         if missing and not ns.report_only:
             print(f"compare_baselines: no grid point of {missing} has a validation score (see their runs under "

@@ -104,6 +104,23 @@ def choose(points: Sequence[GridPoint], scores: Sequence[Optional[float]]) -> Op
     return best
 
 
+def range_edges(points: Sequence[GridPoint], best: int) -> list[str]:
+    """The chosen point's values that are the lowest or highest number its key's range tries, e.g.
+    ['learning_rate=0.01 (the highest tried)']. The best setting may then lie outside the range: extend the
+    grid that way (a rerun runs only the new points). Keys with fewer than two numbers tried are no edge."""
+    edges = []
+    for key, value in points[best].values:
+        tried = {v for p in points for k, v in p.values
+                 if k == key and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if len(tried) < 2 or value not in tried:
+            continue
+        if value == max(tried):
+            edges.append(f"{key}={_yaml_value(value)} (the highest tried)")
+        elif value == min(tried):
+            edges.append(f"{key}={_yaml_value(value)} (the lowest tried)")
+    return edges
+
+
 def read_summary(folder: Path) -> Optional[dict]:
     p = folder / "summary.json"
     try:

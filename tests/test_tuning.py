@@ -10,7 +10,7 @@ import yaml
 
 from fedml_fibec import compare
 from fedml_fibec.errors import ConfigError
-from fedml_fibec.tuning import GridPoint, choose, load_grid
+from fedml_fibec.tuning import GridPoint, choose, load_grid, range_edges
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +38,23 @@ def test_grid_points_are_the_product_in_file_order(tmp_path):
             load_grid(_grid(tmp_path, text), ["FedAvg-LoRA"])
     assert choose(grids["FedML-FedProx"], [0.7, 0.8, 0.8, None]) == 1  # the first of equal scores
     assert choose(grids["FedML-FedProx"], [None] * 4) is None
+
+
+def test_a_best_point_at_the_end_of_a_numeric_range_is_flagged_as_an_edge(tmp_path):
+    points = load_grid(_grid(tmp_path, "FFA-LoRA:\n  learning_rate: [0.002, 0.005, 0.01]\n"
+                                       "  head_learning_rate: [null, 0.01]\n"), ["FFA-LoRA"])["FFA-LoRA"]
+    slugs = [p.slug for p in points]
+    at = lambda slug: range_edges(points, slugs.index(slug))
+    assert at("learning_rate=0.005,head_learning_rate=null") == []  # inside; null and one number: no range
+    assert at("learning_rate=0.005,head_learning_rate=0.01") == []
+    assert at("learning_rate=0.01,head_learning_rate=0.01") == ["learning_rate=0.01 (the highest tried)"]
+    assert at("learning_rate=0.002,head_learning_rate=null") == ["learning_rate=0.002 (the lowest tried)"]
+    two = load_grid(_grid(tmp_path, "FedML-FedOpt-Adam:\n  learning_rate: [0.002, 0.005]\n"
+                                    "  server_lr: [0.001, 0.003, 0.01]\n"), ["FedML-FedOpt-Adam"])["FedML-FedOpt-Adam"]
+    assert range_edges(two, 0) == ["learning_rate=0.002 (the lowest tried)", "server_lr=0.001 (the lowest tried)"]
+    assert range_edges(two, 4) == ["learning_rate=0.005 (the highest tried)"]
+    assert range_edges(load_grid(_grid(tmp_path, "FedAvg-LoRA:\n  learning_rate: [0.01]\n"),
+                                 ["FedAvg-LoRA"])["FedAvg-LoRA"], 0) == []
 
 
 def test_shipped_grid_is_valid_for_every_method():
@@ -96,6 +113,7 @@ def test_tuner_chooses_by_validation_never_by_test(tmp_path, no_mpirun):
     md = (root / "compare.md").read_text()
     assert "| FedAvg-LoRA | **learning_rate=0.005** | 0.7000 | 0.5000 |" in md
     assert "| FedAvg-LoRA | learning_rate=0.001 | 0.6000 | 0.9000 |" in md
+    assert "edge of its range" in md and "FedAvg-LoRA: learning_rate=0.005 (the highest tried)" in md
     rows = (root / "compare.csv").read_text()
     assert "learning_rate=0.005" in rows and "0.525" in rows  # the chosen point's two seeds: (0.5 + 0.55) / 2
     sittings = json.loads((root / "comparison.json").read_text())["sittings"]
