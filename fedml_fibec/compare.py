@@ -469,11 +469,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except ConfigError as exc:
             print(f"compare_baselines: {exc}", file=sys.stderr)
             return 2
-        for m in methods:
-            if choices[m]["edges"] and not ns.report_only:
-                print(f"compare_baselines: {m}'s best point is at the edge of its grid: "
-                      f"{', '.join(choices[m]['edges'])}; extend the range in {ns.tune} to look beyond it",
-                      file=sys.stderr)
+        edged = [] if ns.report_only else [m for m in methods if choices[m]["edges"]]
+        for m in edged:
+            print(f"compare_baselines: {m}'s best point is at the edge of its grid: "
+                  f"{', '.join(choices[m]['edges'])}; extend the range in {ns.tune} to look beyond it", file=sys.stderr)
         missing = [m for m in methods if choices[m]["setting"] is None]
         if missing and not ns.report_only:
             print(f"compare_baselines: no grid point of {missing} has a validation score (see their runs under "
