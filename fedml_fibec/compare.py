@@ -409,8 +409,8 @@ def tuning_markdown(choices: dict[str, dict], ns: argparse.Namespace, majority: 
     """The grid, each point's validation score, the chosen setting (and a method left at the majority class)."""
     lines = ["## Tuning", "",
              f"Grid: `{ns.tune}`; one run per point at seed {ns.tune_seed}; score = mean validation accuracy of the "
-             "last three evaluated rounds (the test set is never read to choose: a tuning run does not evaluate "
-             "it). Chosen point in bold.", "",
+             f"last {FINAL_ROUNDS} evaluated rounds (the test set is never read to choose: a tuning run does not "
+             "evaluate it). Chosen point in bold.", "",
              "| method | setting | validation score | test acc, last round (not used; - = not evaluated) |",
              "|---|---|---|---|"]
     for method, c in choices.items():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..atomic import atomic_write_text
-from ..metrics import mean_of_last_rounds, read_jsonl
+from ..metrics import FINAL_ROUNDS, mean_of_last_rounds, read_jsonl
 
 STATUS_FILE = "run.json"  # written by the comparison launcher: method, seed, status, error
 
@@ -261,9 +261,9 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
         "time; w/o eval leaves out the server's evaluations of the global model (the same work for every "
         "method; - for runs that did not time them).",
         "Values are mean ± sample standard deviation over seeds (no ± with one seed). Final acc is the mean test "
-        "accuracy of the last three evaluated rounds, val acc the same on the validation split (what tuning "
+        f"accuracy of the last {FINAL_ROUNDS} evaluated rounds, val acc the same on the validation split (what tuning "
         "chooses by; - without one). Personal acc: each round's devices' own models on their own held-out "
-        "samples (personal_eval_fraction), mean of the last three rounds. Device compute s is scoring + local training summed over devices and "
+        f"samples (personal_eval_fraction), mean of the last {FINAL_ROUNDS} rounds. Device compute s is scoring + local training summed over devices and "
         "rounds, in wall seconds; device CPU s is the same work in CPU seconds of the thread that did it, which other "
         "processes on the cores barely change (- for runs made before it was recorded). MB are tensor payload megabytes summed over rounds and devices; s/round is the mean round "
         "time on the server. (majority class): the best accuracy is within 0.5 points of the largest test "
