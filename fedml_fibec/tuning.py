@@ -104,20 +104,37 @@ def choose(points: Sequence[GridPoint], scores: Sequence[Optional[float]]) -> Op
     return best
 
 
+# Keys whose null means another key's value (config schema: head_learning_rate null = learning_rate). The
+# edge check reads the value a run used, so [null, 0.01] over learning rates up to 0.005 tries head rates up
+# to 0.01, and 0.01 winning is the top of that range.
+NULL_MEANS = {"head_learning_rate": "learning_rate"}
+
+
+def _effective(values: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """A point's values with each NULL_MEANS key's null replaced by the value it stands for."""
+    d = dict(values)
+    return {k: d.get(NULL_MEANS[k]) if v is None and k in NULL_MEANS else v for k, v in d.items()}
+
+
 def range_edges(points: Sequence[GridPoint], best: int) -> list[str]:
     """The chosen point's values that are the lowest or highest number its key's range tries, e.g.
-    ['learning_rate=0.01 (the highest tried)']. The best setting may then lie outside the range: extend the
-    grid that way (a rerun runs only the new points). Keys with fewer than two numbers tried are no edge."""
+    ['learning_rate=0.01 (the highest tried)'], reading a null of NULL_MEANS as the value it stands for. The
+    best setting may then lie outside the range: extend the grid that way (a rerun runs only the new points).
+    Keys with fewer than two numbers tried are no edge."""
     edges = []
-    for key, value in points[best].values:
-        tried = {v for p in points for k, v in p.values
-                 if k == key and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    used = [_effective(p.values) for p in points]
+    for key, value in used[best].items():
+        tried = {u[key] for u in used if isinstance(u.get(key), (int, float)) and not isinstance(u[key], bool)}
         if len(tried) < 2 or value not in tried:
             continue
-        if value == max(tried):
-            edges.append(f"{key}={_yaml_value(value)} (the highest tried)")
-        elif value == min(tried):
-            edges.append(f"{key}={_yaml_value(value)} (the lowest tried)")
+        side = "highest" if value == max(tried) else "lowest" if value == min(tried) else None
+        if side is None:
+            continue
+        # a null that stands for another key's value is shown as written, with the value it meant
+        if dict(points[best].values)[key] is None:
+            edges.append(f"{key}=null (= {_yaml_value(value)}, the {side} tried)")
+        else:
+            edges.append(f"{key}={_yaml_value(value)} (the {side} tried)")
     return edges
 
 

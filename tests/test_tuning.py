@@ -45,10 +45,17 @@ def test_a_best_point_at_the_end_of_a_numeric_range_is_flagged_as_an_edge(tmp_pa
                                        "  head_learning_rate: [null, 0.01]\n"), ["FFA-LoRA"])["FFA-LoRA"]
     slugs = [p.slug for p in points]
     at = lambda slug: range_edges(points, slugs.index(slug))
-    assert at("learning_rate=0.005,head_learning_rate=null") == []  # inside; null and one number: no range
-    assert at("learning_rate=0.005,head_learning_rate=0.01") == []
-    assert at("learning_rate=0.01,head_learning_rate=0.01") == ["learning_rate=0.01 (the highest tried)"]
-    assert at("learning_rate=0.002,head_learning_rate=null") == ["learning_rate=0.002 (the lowest tried)"]
+    # head_learning_rate null trains the head at learning_rate, so its range is 0.002-0.01, not one number
+    assert at("learning_rate=0.005,head_learning_rate=null") == []  # inside both
+    assert at("learning_rate=0.005,head_learning_rate=0.01") == ["head_learning_rate=0.01 (the highest tried)"]
+    assert at("learning_rate=0.01,head_learning_rate=0.01") == ["learning_rate=0.01 (the highest tried)",
+                                                                "head_learning_rate=0.01 (the highest tried)"]
+    assert at("learning_rate=0.002,head_learning_rate=null") == [
+        "learning_rate=0.002 (the lowest tried)", "head_learning_rate=null (= 0.002, the lowest tried)"]
+    wide = load_grid(_grid(tmp_path, "FFA-LoRA:\n  learning_rate: [0.002, 0.005]\n"
+                                     "  head_learning_rate: [null, 0.001, 0.02]\n"), ["FFA-LoRA"])["FFA-LoRA"]
+    assert range_edges(wide, 1) == ["learning_rate=0.002 (the lowest tried)", "head_learning_rate=0.001 (the lowest tried)"]
+    assert range_edges(wide, 3) == ["learning_rate=0.005 (the highest tried)"]  # head null = 0.005: inside 0.001-0.02
     two = load_grid(_grid(tmp_path, "FedML-FedOpt-Adam:\n  learning_rate: [0.002, 0.005]\n"
                                     "  server_lr: [0.001, 0.003, 0.01]\n"), ["FedML-FedOpt-Adam"])["FedML-FedOpt-Adam"]
     assert range_edges(two, 0) == ["learning_rate=0.002 (the lowest tried)", "server_lr=0.001 (the lowest tried)"]
