@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from fedml_fibec import compare
+from fedml_fibec.config.docs import describe_keys
 from fedml_fibec.errors import ConfigError
-from fedml_fibec.tuning import GridPoint, choose, load_grid, range_edges
+from fedml_fibec.tuning import NULL_MEANS, GridPoint, choose, load_grid, range_edges
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,6 +57,10 @@ def test_a_best_point_at_the_end_of_a_numeric_range_is_flagged_as_an_edge(tmp_pa
                                      "  head_learning_rate: [null, 0.001, 0.02]\n"), ["FFA-LoRA"])["FFA-LoRA"]
     assert range_edges(wide, 1) == ["learning_rate=0.002 (the lowest tried)", "head_learning_rate=0.001 (the lowest tried)"]
     assert range_edges(wide, 3) == ["learning_rate=0.005 (the highest tried)"]  # head null = 0.005: inside 0.001-0.02
+    # the tuner's reading of null is the config's own: each NULL_MEANS key's help says what its null means
+    keys = {line.split("`")[1]: line for line in describe_keys().splitlines() if line.startswith("| `")}
+    for key, stands_for in NULL_MEANS.items():
+        assert f"null = {stands_for}" in keys[key]
     two = load_grid(_grid(tmp_path, "FedML-FedOpt-Adam:\n  learning_rate: [0.002, 0.005]\n"
                                     "  server_lr: [0.001, 0.003, 0.01]\n"), ["FedML-FedOpt-Adam"])["FedML-FedOpt-Adam"]
     assert range_edges(two, 0) == ["learning_rate=0.002 (the lowest tried)", "server_lr=0.001 (the lowest tried)"]
