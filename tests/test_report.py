@@ -207,3 +207,14 @@ def test_method_ranks_order_means_share_ties_and_skip_missing():
     md = ranks_markdown(rows)
     assert "| method | final acc (of 4) | s to target (of 3) | MB up (of 4) |" in md
     assert "| B | 1 | - | 4 |" in md
+
+
+def test_a_method_without_runs_is_not_run_not_failed(comparison):
+    """A method with no seed folder yet (a tuned method whose new best point has no seeds) is not a failure."""
+    runs = load_runs(comparison, ["FibecFed", "FedML-FedNova", "FFA-LoRA"])  # FFA-LoRA: no folder at all
+    rows = {r["method"]: r for r in compare_rows(runs, 0.7)}
+    assert rows["FFA-LoRA"]["status"] == "not run" and rows["FFA-LoRA"]["final_acc_mean"] is None
+    assert rows["FedML-FedNova"]["status"] == "failed"  # a run that failed stays a failure
+    table = markdown_table(list(rows.values()), 0.7, "given")
+    assert "| FFA-LoRA | not run yet |" in table
+    assert "FFA-LoRA | **failed**" not in table and "| FedML-FedNova | **failed**: seed 0: exit code 1: boom" in table

@@ -25,6 +25,7 @@ class RunResult:
     records: list[dict] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
     error: Optional[str] = None
+    not_run: bool = False  # a placeholder for a method with no run folder yet (its error says where)
 
     @property
     def ok(self) -> bool:
@@ -116,8 +117,9 @@ def load_runs(root: str | Path, methods: Optional[Sequence[str]] = None) -> list
     for name in names:
         folder = root / name
         seeds = sorted(folder.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else -1)
-        if not seeds:
-            runs.append(RunResult(method=name, seed=-1, error=f"no seed<k> run folder under {folder} (yet)"))
+        if not seeds:  # not run yet (e.g. a tuned method whose new best point has no seeds): not a failure
+            runs.append(RunResult(method=name, seed=-1, error=f"no seed<k> run folder under {folder} yet",
+                                  not_run=True))
         for s in seeds:
             runs.append(_read_run(s, name, int(s.name[4:]) if s.name[4:].isdigit() else -1))
     return runs
@@ -168,7 +170,8 @@ def compare_rows(runs: Sequence[RunResult], target: Optional[float]) -> list[dic
         good = [r for r in mine if r.ok]
         errors = [f"seed {r.seed}: {r.error}" for r in mine if not r.ok]
         row: dict[str, Any] = {"method": name, "seeds_ok": len(good), "seeds": len(mine),
-                               "status": "ok" if len(good) == len(mine) else ("failed" if not good else "partial"),
+                               "status": ("not run" if all(r.not_run for r in mine) else "ok" if len(good) == len(mine)
+                                          else "failed" if not good else "partial"),
                                "error": " | ".join(errors) or None}
         for key, values in (
             ("final_acc", [r.final_accuracy() for r in good]),
@@ -233,6 +236,9 @@ def markdown_table(rows: Sequence[dict], target: Optional[float], target_note: s
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r["status"] == "not run":
+            lines.append(f"| {r['method']} | not run yet | | | | | | | | | | | | | 0 |")
+            continue
         if r["status"] == "failed":
             err = (r["error"] or "").replace("|", "/").replace("\n", " ")
             lines.append(f"| {r['method']} | **failed**: {err[:300]} | | | | | | | | | | | | | 0/{r['seeds']} |")
