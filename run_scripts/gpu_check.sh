@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# GPU check of fedml-fibec on a machine with one NVIDIA GPU and no internet, in under 9 minutes (limits:
-# tests 150 s, job 300 s, models 120 s; far less on a working GPU):
+# GPU check of fedml-fibec on a machine with one NVIDIA GPU and no internet, in about 8 minutes on an H200
+# (limits: tests 150 s, job 300 s, models 240 s, fisher 180 s; the H200's two calls, 2026-12-04, took
+# 42 + 31 + 92 + ~185 + ~125 s; docs/PERFORMANCE.md#gpu):
 #   1. installs what is missing from wheels carried in ./.whl (pip --no-index), checks the imports
 #   2. runs the unit tests that touch CUDA:  pytest -m cuda
 #   3. runs a 3-round FibecFed job with SmolLM2 over `mpirun -np 3` on the GPU (bf16 autocast, the GPU
 #      mapping config/gpu_mapping.yaml:mapping_1gpu_np3), instrumented by benchmarks/bench_round.py,
 #      and prints the time of each round and each rank's peak GPU memory.
 #   4. benchmarks/bench_models.py on the GPU: time per round and memory of the models by name.
+#   5. benchmarks/bench_fisher.py on the GPU: one-pass difficulty scores against the per-sample loop.
 #
 # Usage:  run_scripts/gpu_check.sh            the real check (needs CUDA)
 #         run_scripts/gpu_check.sh --dry-run  the same steps on the CPU with a tiny random Llama and a
@@ -225,7 +227,7 @@ EOF
 # is in docs/PERFORMANCE.md, this prints the GPU's.)
 if [[ $MODE == dry ]]; then MODELS_ARGS=(--quick); else MODELS_ARGS=(--device cuda --repeats 3); fi
 say "bench_models.py ${MODELS_ARGS[*]}"
-timeout 120 $PY benchmarks/bench_models.py "${MODELS_ARGS[@]}" > "$OUT/bench_models.jsonl" 2> "$OUT/bench_models.err"
+timeout 240 $PY benchmarks/bench_models.py "${MODELS_ARGS[@]}" > "$OUT/bench_models.jsonl" 2> "$OUT/bench_models.err"
 MODELS_RC=$?
 [[ $MODELS_RC == 0 ]] || { say "FAIL: bench_models rc $MODELS_RC"; tail -5 "$OUT/bench_models.err"; }
 $PY - "$OUT/bench_models.jsonl" <<'EOF'
@@ -237,5 +239,27 @@ for r in (json.loads(l) for l in open(sys.argv[1]) if l.strip()):
     print(f"{r['model']}: step {r['step_s']:.3f} s, device round {r['round_s']:.2f} s, server eval {r['eval_s']:.2f} s, "
           f"peak RSS {r['peak_rss_mb_after_train']:.0f} MB" + ("" if gpu is None else f", GPU max allocated {gpu:.0f} MB"))
 EOF
-say "done: tests rc $TEST_RC, job rc $JOB_RC, models rc $MODELS_RC (files in $OUT)"
-[[ $TEST_RC == 0 && $JOB_RC == 0 && $MODELS_RC == 0 ]]
+# 5. difficulty scoring (benchmarks/bench_fisher.py): the one-pass Fisher scores against the per-sample
+# loop and a training pass, on one batch and on a device's data cut into length-sorted batches. The
+# CPU could not show the 10x (5x) speedup targets (docs/PERFORMANCE.md section 1); a GPU is where the
+# loop's many small launches cost most. The job's model (real or random SmolLM2 weights: the cost is
+# the same), fp32, 32 x 64 tokens.
+if [[ $MODE == dry ]]; then FISHER_ARGS=(--quick)
+else FISHER_ARGS=(--device cuda --models "$MODEL" --repeats 3 --warmup 1 --dataset-samples 64); fi
+say "bench_fisher.py ${FISHER_ARGS[*]}"
+timeout 180 $PY benchmarks/bench_fisher.py "${FISHER_ARGS[@]}" > "$OUT/bench_fisher.jsonl" 2> "$OUT/bench_fisher.err"
+FISHER_RC=$?
+[[ $FISHER_RC == 0 ]] || { say "FAIL: bench_fisher rc $FISHER_RC"; tail -5 "$OUT/bench_fisher.err"; }
+$PY - "$OUT/bench_fisher.jsonl" <<'EOF'
+import json, sys
+keys = ("embedding_speedup_vs_loop", "lora_speedup_vs_loop", "embedding_vs_train", "lora_vs_train",
+        "embedding_max_rel_diff", "lora_max_rel_diff")
+for r in (json.loads(l) for l in open(sys.argv[1]) if l.strip()):
+    if r.get("what") in ("summary", "dataset_summary"):
+        where = "one batch" if r["what"] == "summary" else f"{r['samples']} samples, length-sorted batches"
+        print(f"{r['model'].split('/')[-1]} ({where}): "
+              + ", ".join(f"{k} {r[k]:.3g}" for k in keys if k in r)
+              + "; targets met: " + ", ".join(f"{k} {v}" for k, v in r.get("targets", {}).items()))
+EOF
+say "done: tests rc $TEST_RC, job rc $JOB_RC, models rc $MODELS_RC, fisher rc $FISHER_RC (files in $OUT)"
+[[ $TEST_RC == 0 && $JOB_RC == 0 && $MODELS_RC == 0 && $FISHER_RC == 0 ]]
