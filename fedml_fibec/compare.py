@@ -14,6 +14,10 @@ With `--tune`, every grid point of a method runs once at the tuning seed, as a t
 set only, last three evaluation rounds only) under <out>/tuning/<method>/<point>/validation-seed<s>;
 the point with the best validation score is chosen, its seeds run in full in <point>/seed<s>, and
 <out>/<method> links to it, so the report reads the chosen setting's seeds.
+
+With `--settings-from DIR`, nothing is tuned: each method's seeds run at the setting DIR's tuning chose
+(DIR/tuning/choices.json), in <out>/<method>/seed<s>, seed by seed across the methods. This is how
+every method's chosen runs are timed again under one condition (one machine, one sitting).
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from .layout import machine, plan
 from .metrics import FINAL_ROUNDS
 from .report import compare_rows, load_runs, plot_curves, target_accuracy, write_csv, write_markdown
 from .report.compare import STATUS_FILE
-from .tuning import GridPoint, choose, load_grid, range_edges, read_summary, score_of
+from .tuning import GridPoint, choose, load_grid, range_edges, read_choices, read_summary, score_of
 
 # name -> (overrides, one-line description)
 METHODS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -98,6 +102,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--tune", metavar="GRID.yaml", help="tune each method on the validation split over the grid "
                    "in this file first (config/tuning/grid.yaml: our grid); needs validation_fraction > 0")
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning runs (default 0)")
+    p.add_argument("--settings-from", metavar="DIR", help="run each method's seeds at the setting the tuned "
+                   "comparison in DIR chose (DIR/tuning/choices.json), without tuning: e.g. to time every "
+                   "method's chosen runs again under one condition")
     return p.parse_args(argv)
 
 
@@ -343,6 +350,17 @@ def _check_tuning(ns: argparse.Namespace, methods: Sequence[str]) -> dict[str, l
     return grids
 
 
+def _check_settings(ns: argparse.Namespace, methods: Sequence[str]) -> dict[str, list[str]]:
+    """The settings of --settings-from, every method's config checked before any run."""
+    settings = read_choices(ns.settings_from, methods)
+    for method, setting in settings.items():
+        try:
+            load_config(ns.cf, run_overrides(ns, method, 0, setting))
+        except ConfigError as exc:
+            raise ConfigError(f"--settings-from {ns.settings_from}: {method} at {' '.join(setting)}: {exc}") from None
+    return settings
+
+
 # A tuning run evaluates what its score reads and nothing else: the validation set at the last FINAL_ROUNDS
 # evaluation rounds (the score is their mean), never the test set. Evaluation draws no random numbers and
 # the server trains nothing, so these are the validation accuracies the full run would have; the server's
@@ -448,13 +466,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ns.seeds < 1:
         print("--seeds must be at least 1", file=sys.stderr)
         return 2
-    grids = None
-    if ns.tune:
-        try:
+    if ns.tune and ns.settings_from:
+        print("compare_baselines: --tune and --settings-from exclude each other (tune here, or reuse the "
+              "settings tuned in another folder)", file=sys.stderr)
+        return 2
+    grids, settings = None, {}
+    try:
+        if ns.tune:
             grids = _check_tuning(ns, methods)
-        except ConfigError as exc:
-            print(f"compare_baselines: {exc}", file=sys.stderr)
-            return 2
+        if ns.settings_from:
+            settings = _check_settings(ns, methods)
+    except ConfigError as exc:
+        print(f"compare_baselines: {exc}", file=sys.stderr)
+        return 2
     root = Path(ns.out).resolve()
     root.mkdir(parents=True, exist_ok=True)
     # SIGTERM unwinds like Ctrl-C, so the running mpirun is stopped with its ranks (launch's handler).
@@ -481,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for seed in seeds:
             for method in methods:
                 if choices is None:
-                    jobs.run(method, seed)
+                    jobs.run(method, seed, settings.get(method, ()))
                 elif choices[method]["setting"] is not None:
                     c = choices[method]
                     jobs.run(method, seed, c["setting"], root / "tuning" / method / c["slug"] / f"seed{seed}")
@@ -501,6 +525,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:  # a report of runs no command here made (copied in): only their own wall time is known
         seconds = 0.0
     header = _header(ns, methods, header_argv, seconds, runs_wall_seconds(root))
+    if settings:
+        header += (f"\nSettings chosen by the tuning in `{ns.settings_from}` (not tuned here): "
+                   + "; ".join(f"{m} {' '.join(s)}" for m, s in settings.items()) + ".\n")
     report = build_report(root, methods, ns, header, choices)
     print()
     print((root / "compare.md").read_text())

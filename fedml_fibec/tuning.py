@@ -144,3 +144,31 @@ def read_summary(folder: Path) -> Optional[dict]:
         return json.loads(p.read_text())
     except (OSError, ValueError):
         return None
+
+
+def read_choices(folder: str | Path, methods: Sequence[str]) -> dict[str, list[str]]:
+    """The setting a finished tuning chose for each method: `<folder>/tuning/choices.json` of a tuned comparison.
+
+    For running the chosen settings again elsewhere (e.g. every method's seeds under one condition, for
+    timings). A method whose grid has not fully run has no final choice, so it is an error, not a guess.
+    """
+    path = Path(folder) / "tuning" / "choices.json"
+    try:
+        choices = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--settings-from {folder}: no {path} (expected the --out folder of a comparison run "
+                          "with --tune)") from None
+    except ValueError as exc:
+        raise ConfigError(f"--settings-from {folder}: {path} is not valid JSON ({exc})") from None
+    settings: dict[str, list[str]] = {}
+    for method in methods:
+        c = choices.get(method) if isinstance(choices, dict) else None
+        if not c or c.get("setting") is None:
+            raise ConfigError(f"--settings-from {folder}: {path} has no chosen setting for {method} (tuned there: "
+                              f"{', '.join(m for m, x in choices.items() if x.get('setting') is not None) or 'none'})")
+        if c.get("points_run") != c.get("points_total"):
+            raise ConfigError(f"--settings-from {folder}: {method}'s tuning there is not finished "
+                              f"({c.get('points_run')}/{c.get('points_total')} grid points run): its best point "
+                              "is not a final choice")
+        settings[method] = list(c["setting"])
+    return settings

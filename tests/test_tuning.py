@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -234,3 +235,70 @@ def test_grid_points_run_as_tuning_runs_and_the_chosen_point_runs_every_seed_in_
     assert choice["setting"] == ["learning_rate=0.005"] and choice["points_run"] == 2
     started.clear()
     assert compare.main(argv) == 0 and started == []
+
+
+def _choices(folder: Path, choices: dict) -> Path:
+    (folder / "tuning").mkdir(parents=True)
+    (folder / "tuning" / "choices.json").write_text(json.dumps(choices))
+    return folder
+
+
+def _choice(setting, run=2, total=2) -> dict:
+    return {"setting": setting, "slug": ",".join(setting or []), "score": 0.7, "points_run": run, "points_total": total,
+            "points": [], "edges": []}
+
+
+def test_settings_from_runs_each_method_at_its_chosen_setting_seed_by_seed_and_resumes(tmp_path, monkeypatch):
+    """--settings-from reruns the chosen settings of another folder's tuning (no tuning runs), seed by seed
+    across the methods (interleaved, as timings under one condition want), and a second sitting runs nothing."""
+    source = _choices(tmp_path / "tuned", {"FedAvg-LoRA": _choice(["learning_rate=0.002"]),
+                                           "FFA-LoRA": _choice(["learning_rate=0.005", "head_learning_rate=0.01"])})
+    root = tmp_path / "timing"
+    argv = ["--out", str(root), "--methods", "FedAvg-LoRA,FFA-LoRA", "--seeds", "2", "--settings-from", str(source)]
+    started = []
+
+    def fake_launch(method, seed, ns_, root_, progress, setting=(), out=None):
+        out = out or root_ / method / f"seed{seed}"
+        started.append((method, seed, list(setting), out.relative_to(root).as_posix()))
+        shutil.rmtree(out, ignore_errors=True)  # the launcher reuses a folder; the fake writes a fresh one
+        _finished_run(out, ns_, method, seed, setting, val=[0.8] * 3, test=[0.7] * 3)
+        return {"status": "ok", "error": None, "wall_seconds": 1.0}
+    monkeypatch.setattr(compare, "launch", fake_launch)
+    assert compare.main(argv) == 0
+    ffa = ["learning_rate=0.005", "head_learning_rate=0.01"]
+    assert started == [("FedAvg-LoRA", 0, ["learning_rate=0.002"], "FedAvg-LoRA/seed0"),
+                       ("FFA-LoRA", 0, ffa, "FFA-LoRA/seed0"),
+                       ("FedAvg-LoRA", 1, ["learning_rate=0.002"], "FedAvg-LoRA/seed1"),
+                       ("FFA-LoRA", 1, ffa, "FFA-LoRA/seed1")]
+    assert not (root / "tuning").exists()
+    md = (root / "compare.md").read_text()
+    assert (f"Settings chosen by the tuning in `{source}` (not tuned here): FedAvg-LoRA learning_rate=0.002; "
+            "FFA-LoRA learning_rate=0.005 head_learning_rate=0.01.") in md
+    started.clear()
+    assert compare.main(argv) == 0 and started == []
+    # a run folder made at another setting is not the chosen setting's run: it runs again
+    _choices(tmp_path / "retuned", {"FedAvg-LoRA": _choice(["learning_rate=0.005"]), "FFA-LoRA": _choice(ffa)})
+    assert compare.main(argv[:-1] + [str(tmp_path / "retuned")]) == 0
+    assert [(m, s) for m, s, *_ in started] == [("FedAvg-LoRA", 0), ("FedAvg-LoRA", 1)]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no {path} (expected the --out folder of a comparison run with --tune)"),
+    ("no choice", "has no chosen setting for FFA-LoRA (tuned there: FedAvg-LoRA)"),
+    ("unfinished", "FedAvg-LoRA's tuning there is not finished (1/3 grid points run)"),
+    ("with tune", "--tune and --settings-from exclude each other"),
+    ("bad value", "FedAvg-LoRA at learning_rate=-1"),
+])
+def test_settings_from_refuses_what_is_not_a_final_choice_before_any_run(tmp_path, capsys, no_mpirun, case, message):
+    source = tmp_path / "tuned"
+    if case != "missing":
+        _choices(source, {"FedAvg-LoRA": _choice(["learning_rate=-1" if case == "bad value" else "learning_rate=0.002"],
+                                                 run=1 if case == "unfinished" else 3, total=3),
+                          "FFA-LoRA": _choice(None) if case == "no choice" else _choice(["learning_rate=0.005"])})
+    argv = ["--out", str(tmp_path / "timing"), "--methods", "FedAvg-LoRA,FFA-LoRA", "--settings-from", str(source)]
+    if case == "with tune":
+        argv += ["--tune", str(_grid(tmp_path, "FedAvg-LoRA:\n  learning_rate: [0.001]\n"))]
+    assert compare.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message.format(path=source / "tuning" / "choices.json") in err
+    assert not (tmp_path / "timing").exists()
