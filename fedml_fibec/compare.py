@@ -99,10 +99,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="reference method(s), first present wins (default FedAvg-LoRA,FedML-FedAvg)")
     p.add_argument("--timeout", type=float, default=None, help="seconds one run may take (default: no limit)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from existing run folders")
-    p.add_argument("--tune", metavar="GRID.yaml", help="tune each method on the validation split over the grid "
+    # Tune here, or reuse the settings tuned in another folder: not both.
+    chooser = p.add_mutually_exclusive_group()
+    chooser.add_argument("--tune", metavar="GRID.yaml", help="tune each method on the validation split over the grid "
                    "in this file first (config/tuning/grid.yaml: our grid); needs validation_fraction > 0")
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning runs (default 0)")
-    p.add_argument("--settings-from", metavar="DIR", help="run each method's seeds at the setting the tuned "
+    chooser.add_argument("--settings-from", metavar="DIR", help="run each method's seeds at the setting the tuned "
                    "comparison in DIR chose (DIR/tuning/choices.json), without tuning: e.g. to time every "
                    "method's chosen runs again under one condition")
     return p.parse_args(argv)
@@ -352,12 +354,15 @@ def _check_tuning(ns: argparse.Namespace, methods: Sequence[str]) -> dict[str, l
 
 def _check_settings(ns: argparse.Namespace, methods: Sequence[str]) -> dict[str, list[str]]:
     """The settings of --settings-from, every method's config checked before any run."""
-    settings = read_choices(ns.settings_from, methods)
-    for method, setting in settings.items():
-        try:
-            load_config(ns.cf, run_overrides(ns, method, 0, setting))
-        except ConfigError as exc:
-            raise ConfigError(f"--settings-from {ns.settings_from}: {method} at {' '.join(setting)}: {exc}") from None
+    try:
+        settings = read_choices(ns.settings_from, methods)
+        for method, setting in settings.items():
+            try:
+                load_config(ns.cf, run_overrides(ns, method, 0, setting))
+            except ConfigError as exc:
+                raise ConfigError(f"{method} at {' '.join(setting)}: {exc}") from None
+    except ConfigError as exc:
+        raise ConfigError(f"--settings-from {ns.settings_from}: {exc}") from None
     return settings
 
 
@@ -465,10 +470,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     if ns.seeds < 1:
         print("--seeds must be at least 1", file=sys.stderr)
-        return 2
-    if ns.tune and ns.settings_from:
-        print("compare_baselines: --tune and --settings-from exclude each other (tune here, or reuse the "
-              "settings tuned in another folder)", file=sys.stderr)
         return 2
     grids, settings = None, {}
     try:

@@ -156,19 +156,19 @@ def read_choices(folder: str | Path, methods: Sequence[str]) -> dict[str, list[s
     try:
         choices = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"--settings-from {folder}: no {path} (expected the --out folder of a comparison run "
-                          "with --tune)") from None
+        raise ConfigError(f"no {path} (expected the --out folder of a comparison run with --tune)") from None
     except ValueError as exc:
-        raise ConfigError(f"--settings-from {folder}: {path} is not valid JSON ({exc})") from None
+        raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(choices, dict):
+        raise ConfigError(f"{path} is not a method -> choice mapping (as compare_baselines.py --tune writes it)")
     settings: dict[str, list[str]] = {}
     for method in methods:
-        c = choices.get(method) if isinstance(choices, dict) else None
-        if not c or c.get("setting") is None:
-            raise ConfigError(f"--settings-from {folder}: {path} has no chosen setting for {method} (tuned there: "
-                              f"{', '.join(m for m, x in choices.items() if x.get('setting') is not None) or 'none'})")
+        c = choices.get(method) or {}
+        if c.get("setting") is None:
+            tuned = [m for m, x in choices.items() if isinstance(x, dict) and x.get("setting") is not None]
+            raise ConfigError(f"{path} has no chosen setting for {method} (tuned there: {', '.join(tuned) or 'none'})")
         if c.get("points_run") != c.get("points_total"):
-            raise ConfigError(f"--settings-from {folder}: {method}'s tuning there is not finished "
-                              f"({c.get('points_run')}/{c.get('points_total')} grid points run): its best point "
-                              "is not a final choice")
+            raise ConfigError(f"{method}'s tuning in {path} is not finished ({c.get('points_run')}/"
+                              f"{c.get('points_total')} grid points run): its best point is not a final choice")
         settings[method] = list(c["setting"])
     return settings

@@ -285,20 +285,29 @@ def test_settings_from_runs_each_method_at_its_chosen_setting_seed_by_seed_and_r
 @pytest.mark.parametrize("case, message", [
     ("missing", "no {path} (expected the --out folder of a comparison run with --tune)"),
     ("no choice", "has no chosen setting for FFA-LoRA (tuned there: FedAvg-LoRA)"),
-    ("unfinished", "FedAvg-LoRA's tuning there is not finished (1/3 grid points run)"),
-    ("with tune", "--tune and --settings-from exclude each other"),
+    ("unfinished", "FedAvg-LoRA's tuning in {path} is not finished (1/3 grid points run)"),
+    ("not a mapping", "{path} is not a method -> choice mapping"),
+    ("with tune", "argument --tune: not allowed with argument --settings-from"),
     ("bad value", "FedAvg-LoRA at learning_rate=-1"),
 ])
 def test_settings_from_refuses_what_is_not_a_final_choice_before_any_run(tmp_path, capsys, no_mpirun, case, message):
     source = tmp_path / "tuned"
-    if case != "missing":
+    if case == "not a mapping":
+        _choices(source, [])
+    elif case != "missing":
         _choices(source, {"FedAvg-LoRA": _choice(["learning_rate=-1" if case == "bad value" else "learning_rate=0.002"],
                                                  run=1 if case == "unfinished" else 3, total=3),
                           "FFA-LoRA": _choice(None) if case == "no choice" else _choice(["learning_rate=0.005"])})
     argv = ["--out", str(tmp_path / "timing"), "--methods", "FedAvg-LoRA,FFA-LoRA", "--settings-from", str(source)]
     if case == "with tune":
         argv += ["--tune", str(_grid(tmp_path, "FedAvg-LoRA:\n  learning_rate: [0.001]\n"))]
-    assert compare.main(argv) == 2
+    if case == "with tune":  # refused by the command line itself
+        with pytest.raises(SystemExit) as exit_:
+            compare.main(argv)
+        assert exit_.value.code == 2
+    else:
+        assert compare.main(argv) == 2
     err = capsys.readouterr().err
     assert message.format(path=source / "tuning" / "choices.json") in err
+    assert case == "with tune" or f"compare_baselines: --settings-from {source}: " in err
     assert not (tmp_path / "timing").exists()
