@@ -73,7 +73,15 @@ def run(cfg: RunConfig, tables, out_dir: Path, world, resume: bool = False) -> O
         log.info("data: %s", json.dumps({k: v for k, v in fed_data.stats().items() if not isinstance(v, list)}))
 
     store = DeviceStateStore(Path(cfg.fibec_args.state_dir or out_dir / "device_state").resolve())
-    if cfg.comm_args.backend != "GRPC":  # under MPI every rank must see the one store; each silo has its own
+    # A run that is not a --resume starts every device from nothing. Device files left in the store by an
+    # earlier run into the same folder (a stopped run started again) or the same state_dir would carry that
+    # run's RNG streams, kept LoRA B (FedSA-LoRA) or curriculum state into this one, and change its results.
+    shared = cfg.comm_args.backend != "GRPC"  # under MPI every rank sees the one store; each silo has its own
+    if not resume and (rank == 0 or not shared):
+        removed = store.clear()
+        if removed:
+            log.info("device state: removed %d device file(s) of an earlier run from %s", removed, store.root)
+    if shared:
         token = world.bcast(uuid.uuid4().hex if rank == 0 else None)
         if rank == 0:
             store.write_token(token)

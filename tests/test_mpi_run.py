@@ -140,3 +140,27 @@ def test_bad_config_fails_clearly(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "fibec_args.rho = 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_fresh_run_into_a_used_folder_starts_every_device_from_nothing(tmp_path, tiny_assets):
+    """Running the same command again into a folder that holds an earlier run's device state (a stopped run
+    started again) gives that run's results, to the last digit: the devices' RNG streams and kept LoRA B
+    (FedSA-LoRA keeps B on the device) start fresh, not where the earlier run left them. A device that took
+    part twice is what the cross-silo ledger alone does not undo (it restores only a repeated exchange)."""
+    out = tmp_path / "again"
+    common = ("comm_round=3", "client_num_per_round=3", "worker_num=2", "federated_optimizer=FedSA-LoRA",
+              "torch_threads=1")
+    proc = mpirun(out, tiny_assets, *common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = records(out)
+    taken = [d for r in first for d in r["devices"]]
+    assert len(taken) > len(set(taken)), "no device took part twice: this test would not test anything"
+    left = sorted(p.name for p in (out / "device_state").glob("device_*"))
+    (out / "device_state" / "notes.txt").write_text("not ours\n")
+    proc = mpirun(out, tiny_assets, *common)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    keys = ("round", "global_accuracy", "global_loss", "device_accuracy", "train_loss", "personal_accuracy",
+            "bytes_up", "devices")
+    assert [{k: r.get(k) for k in keys} for r in records(out)] == [{k: r.get(k) for k in keys} for r in first]
+    assert (out / "device_state" / "notes.txt").read_text() == "not ours\n"  # only device files are removed
+    assert f"removed {len(left)} device file(s)" in (out / "logs" / "rank0.log").read_text()

@@ -243,7 +243,8 @@ class FibecArgs:
                                        "(no dropout there) on the device, keep it in the device's state, and replay "
                                        "it instead of running those blocks in every step and participation.")
     state_dir: Optional[str] = option(None, "Per-device state store (shared by all ranks); "
-                                      "none = <out>/device_state.")
+                                      "none = <out>/device_state. A run that is not a --resume removes the "
+                                      "device files an earlier run left there.")
 
 
 SECTIONS: dict[str, type] = {

@@ -33,6 +33,15 @@ class DeviceStateStore:
         """Replace the device's state atomically."""
         atomic_write(self.path(device_id), lambda fh: torch.save(state, fh))
 
+    def clear(self) -> int:
+        """Remove every device's files (states, and the cross-silo ledger's backups and marks) and nothing
+        else; return how many were removed."""
+        removed = 0
+        for p in [*self.root.glob("device_*.pt"), *self.root.glob("device_*.exchange")]:
+            p.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
     def check_shared(self, token: str) -> None:
         """Raise ConfigError unless the file written by rank 0 with `token` is visible here."""
         marker = self.root / ".store_token"
