@@ -76,11 +76,16 @@ def run(cfg: RunConfig, tables, out_dir: Path, world, resume: bool = False) -> O
     # A run that is not a --resume starts every device from nothing. Device files left in the store by an
     # earlier run into the same folder (a stopped run started again) or the same state_dir would carry that
     # run's RNG streams, kept LoRA B (FedSA-LoRA) or curriculum state into this one, and change its results.
+    # A --resume keeps them: the server's resumed run, and a GRPC silo restarted mid-run with --resume of its
+    # own folder, continue from them (the cross-silo ledger rewinds a device caught in an unfinished exchange).
     shared = cfg.comm_args.backend != "GRPC"  # under MPI every rank sees the one store; each silo has its own
-    if not resume and (rank == 0 or not shared):
-        removed = store.clear()
-        if removed:
-            log.info("device state: removed %d device file(s) of an earlier run from %s", removed, store.root)
+    if rank == 0 or not shared:
+        if not resume:
+            removed = store.clear()
+            if removed:
+                log.info("device state: removed %d device file(s) of an earlier run from %s", removed, store.root)
+        else:
+            log.info("device state: --resume keeps the %d device state file(s) in %s", store.count(), store.root)
     if shared:
         token = world.bcast(uuid.uuid4().hex if rank == 0 else None)
         if rank == 0:

@@ -133,6 +133,14 @@ def test_repeated_exchange_starts_from_the_device_state_before_it(tmp_path):
     store.save(3, {"participations": 2})
     ledger.before_training(3, [2, "train"])  # the next exchange keeps the new state
     assert store.load(3) == {"participations": 2}
+    # The store counts device 3 once (its ledger backup is not a device), and clear() removes the
+    # state, the backup and the mark, and nothing else.
+    (tmp_path / "notes.txt").write_text("kept")
+    assert store.count() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "device_00003.before.pt", "device_00003.exchange", "device_00003.pt", "notes.txt"]
+    assert store.clear() == 3 and store.count() == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 # process helpers ----------------------------------------------------------------------------------
@@ -398,11 +406,18 @@ def test_killed_silos_continue_then_stop_with_checkpoint(tmp_path, tiny_assets):
         row = wait_for(lambda: next((r for r in records(out) if r["num_devices"] == 2), None), 120,
                        "a round with the two remaining silos", procs)
         assert row["devices"] == [0, 1] and row["silos_dropped"] == [3]
-        # Silo 3 restarted (same folder, so its own device state) re-joins.
-        procs.start("silo3b", out / "silo3", 3, ov)
+        # Silo 3 restarted with --resume of its own folder re-joins and keeps its device state. A device
+        # file it holds no device for stands in for that state: a restart that clears the store (one
+        # started with --out) removes it.
+        store = out / "silo3" / "device_state"
+        assert (store / "device_00002.pt").exists()  # silo 3's device trained in the first round
+        torch.save({"participations": 7}, store / "device_00099.pt")
+        procs.start("silo3b", out / "silo3", 3, ov, resume=out / "silo3")
         row = wait_for(lambda: next((r for r in records(out)[row["round"] + 1:] if r["num_devices"] == 3), None),
                        180, "silo 3 re-joining", procs)
         assert row["devices"] == [0, 1, 2] and row["silos_dropped"] == []
+        assert torch.load(store / "device_00099.pt", weights_only=False) == {"participations": 7}
+        assert "--resume keeps the 2 device state file(s)" in (out / "silo3" / "logs" / "rank3.log").read_text()
         procs.kill("silo2")
         procs.kill("silo3b")
         t0 = time.time()

@@ -244,7 +244,7 @@ class FibecArgs:
                                        "it instead of running those blocks in every step and participation.")
     state_dir: Optional[str] = option(None, "Per-device state store (shared by all ranks); "
                                       "none = <out>/device_state. A run that is not a --resume removes the "
-                                      "device files an earlier run left there.")
+                                      "device files an earlier run left there; a --resume keeps them.")
 
 
 SECTIONS: dict[str, type] = {

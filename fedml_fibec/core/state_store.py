@@ -33,6 +33,10 @@ class DeviceStateStore:
         """Replace the device's state atomically."""
         atomic_write(self.path(device_id), lambda fh: torch.save(state, fh))
 
+    def count(self) -> int:
+        """How many devices have a state file (the ledger's backups not counted)."""
+        return sum(1 for p in self.root.glob("device_*.pt") if p.name.count(".") == 1)
+
     def clear(self) -> int:
         """Remove every device's files (states, and the cross-silo ledger's backups and marks) and nothing
         else; return how many were removed."""
