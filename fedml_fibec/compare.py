@@ -354,15 +354,16 @@ def _check_tuning(ns: argparse.Namespace, methods: Sequence[str]) -> dict[str, l
 
 def _check_settings(ns: argparse.Namespace, methods: Sequence[str]) -> dict[str, list[str]]:
     """The settings of --settings-from, every method's config checked before any run."""
+    where = f"--settings-from {ns.settings_from}"
     try:
         settings = read_choices(ns.settings_from, methods)
-        for method, setting in settings.items():
-            try:
-                load_config(ns.cf, run_overrides(ns, method, 0, setting))
-            except ConfigError as exc:
-                raise ConfigError(f"{method} at {' '.join(setting)}: {exc}") from None
     except ConfigError as exc:
-        raise ConfigError(f"--settings-from {ns.settings_from}: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
+    for method, setting in settings.items():
+        try:
+            load_config(ns.cf, run_overrides(ns, method, 0, setting))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {method} at {' '.join(setting)}: {exc}") from None
     return settings
 
 
