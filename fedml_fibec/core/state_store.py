@@ -11,6 +11,9 @@ from ..atomic import atomic_write, atomic_write_text
 from ..errors import ConfigError
 
 
+_BACKUP = ".before.pt"
+
+
 class DeviceStateStore:
     """One file per device under `root`, written atomically (temp file, then rename)."""
 
@@ -21,6 +24,15 @@ class DeviceStateStore:
     def path(self, device_id: int) -> Path:
         """File holding a device's state."""
         return self.root / f"device_{int(device_id):05d}.pt"
+
+    # The cross-silo ledger's files live here too, named here, so that count() and clear() know them.
+    def backup_path(self, device_id: int) -> Path:
+        """The ledger's copy of a device's state from before the exchange it is training."""
+        return self.root / f"device_{int(device_id):05d}{_BACKUP}"
+
+    def mark_path(self, device_id: int) -> Path:
+        """The ledger's record of that exchange."""
+        return self.root / f"device_{int(device_id):05d}.exchange"
 
     def load(self, device_id: int) -> dict[str, Any]:
         """The device's state, or an empty dict before its first participation."""
@@ -35,7 +47,7 @@ class DeviceStateStore:
 
     def count(self) -> int:
         """How many devices have a state file (the ledger's backups not counted)."""
-        return sum(1 for p in self.root.glob("device_*.pt") if p.name.count(".") == 1)
+        return sum(1 for p in self.root.glob("device_*.pt") if not p.name.endswith(_BACKUP))
 
     def clear(self) -> int:
         """Remove every device's files (states, and the cross-silo ledger's backups and marks) and nothing

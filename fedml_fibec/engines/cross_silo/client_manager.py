@@ -37,8 +37,7 @@ class DeviceLedger:
         self.store = store
 
     def before_training(self, device_id: int, tag: list) -> None:
-        root = self.store.root
-        mark, backup = root / f"device_{device_id:05d}.exchange", root / f"device_{device_id:05d}.before.pt"
+        mark, backup = self.store.mark_path(device_id), self.store.backup_path(device_id)
         if mark.exists() and json.loads(mark.read_text()) == tag and backup.exists():
             state = torch.load(backup, map_location="cpu", weights_only=False)
             self.store.save(device_id, state)
