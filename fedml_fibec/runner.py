@@ -128,9 +128,13 @@ def _default_out_dir(cfg: RunConfig) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of run_fibec.py: validate everything, then run this rank."""
     from .assets import default_cache_dir
-    from .fedml_glue.offline import guard_outbound_connections, set_offline_environment
+    from .fedml_glue.offline import guard_outbound_connections, set_fedml_home, set_offline_switches
 
     ns = parse_args(argv)
+    set_offline_switches()
+    guard_file = os.environ.get("FEDML_FIBEC_NETWORK_GUARD")
+    if guard_file:
+        guard_outbound_connections(Path(guard_file))
     world = MpiWorld()
     standalone = ns.rank is not None  # started on its own (GRPC): reports its own errors
     try:
@@ -156,10 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     world.barrier()
     # The asset cache was resolved before HOME is pointed at the run folder for FedML's own files.
     os.environ["FEDML_FIBEC_CACHE"] = str(cache_dir)
-    set_offline_environment(out_dir / "fedml_home" / f"rank{world.rank}")
-    guard_file = os.environ.get("FEDML_FIBEC_NETWORK_GUARD")
-    if guard_file:
-        guard_outbound_connections(Path(guard_file))
+    set_fedml_home(out_dir / "fedml_home" / f"rank{world.rank}")
     setup_logging(out_dir, world.rank, cfg.tracking_args.log_level)
     log.info("%s", start_line(cfg, out_dir), extra={"console": True})
     try:

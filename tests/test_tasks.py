@@ -1,6 +1,12 @@
 """The paper's ten tasks by name: each builds from a saved copy with its registry columns; offline errors."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from fedml_fibec.config import load_config
@@ -62,6 +68,47 @@ def test_offline_error_names_the_hub_id_and_the_way_out(monkeypatch):
         load_source(source="builtin", dataset="rte")
     msg = str(err.value)
     assert "'nyu-mll/glue', config 'rte'" in msg and "save_to_disk('rte')" in msg and "task_copy" in msg
+
+
+# Runs run_fibec.py in this interpreter after refusing and recording every name lookup and connection that
+# leaves the machine (a DNS query counts: the hub is asked before a connection fails).
+NETWORK_PROBE = """
+import json, runpy, socket, sys
+report, script, *args = sys.argv[1:]
+LOCAL = ("localhost", "127.0.0.1", "::1", None)
+def refuse(kind, host):
+    with open(report, "a") as fh:
+        fh.write(json.dumps({"kind": kind, "host": str(host)}) + "\\n")
+    raise OSError(f"network probe: {kind} {host} refused")
+real_lookup, real_connect = socket.getaddrinfo, socket.socket.connect
+def lookup(host, *a, **k):
+    return real_lookup(host, *a, **k) if host in LOCAL else refuse("lookup", host)
+def connect(sock, address):
+    local = not isinstance(address, tuple) or address[0] in LOCAL
+    return real_connect(sock, address) if local else refuse("connect", address[0])
+socket.getaddrinfo, socket.socket.connect = lookup, connect
+sys.argv = [script, *args]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_a_run_of_a_hub_task_asks_no_network_before_its_offline_error(tmp_path):
+    """With none of the offline variables set by the user, `--set dataset=rte` fails with the clear error and
+    no name lookup or connection: runs are offline unless told otherwise, from their first step."""
+    root = Path(__file__).resolve().parent.parent
+    report = tmp_path / "network.jsonl"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_HOME"] = str(tmp_path / "hf")  # an empty hub cache: nothing to find locally
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run([sys.executable, "-c", NETWORK_PROBE, str(report), str(root / "run_scripts" / "run_fibec.py"),
+                           "--out", str(tmp_path / "run"), "--set", "dataset=rte"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    asked = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
+    assert asked == [], f"the run asked the network: {asked[:3]}"
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "dataset=rte needs the Hugging Face Hub dataset 'nyu-mll/glue', config 'rte'" in proc.stderr
+    assert not (tmp_path / "run").exists()  # the error came before any work
 
 
 def test_task_copy_checks(tmp_path):

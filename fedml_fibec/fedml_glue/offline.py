@@ -23,16 +23,25 @@ OFFLINE_ENV = {
 USER_MAY_SET = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
-def set_offline_environment(fedml_home: Path) -> None:
-    """Offline switches for HF/wandb, and FedML's ~/.fedml files under the run folder.
+def set_offline_switches() -> None:
+    """Offline switches for Hugging Face and wandb.
 
-    Must run before fedml is imported: FedML resolves its home folder from HOME.
+    Must run first in a run, before its data is read: `datasets`, `transformers` and `huggingface_hub`
+    read these variables once, when imported, and a named task (dataset=rte) is loaded before the run
+    knows its folder. Set later, the hub is asked (with retries) before the clear offline error.
     """
     for key, value in OFFLINE_ENV.items():
         if key in USER_MAY_SET:
             os.environ.setdefault(key, value)
         else:
             os.environ[key] = value
+
+
+def set_fedml_home(fedml_home: Path) -> None:
+    """FedML's ~/.fedml files under the run folder.
+
+    Must run before fedml is imported: FedML resolves its home folder from HOME.
+    """
     fedml_home.mkdir(parents=True, exist_ok=True)
     os.environ["HOME"] = str(fedml_home)
 
