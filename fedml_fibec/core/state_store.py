@@ -21,18 +21,22 @@ class DeviceStateStore:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
 
+    def _file(self, device_id: int, suffix: str) -> Path:
+        # Every per-device file shares one stem, so the globs in count() and clear() find them all.
+        return self.root / f"device_{int(device_id):05d}{suffix}"
+
     def path(self, device_id: int) -> Path:
         """File holding a device's state."""
-        return self.root / f"device_{int(device_id):05d}.pt"
+        return self._file(device_id, ".pt")
 
     # The cross-silo ledger's files live here too, named here, so that count() and clear() know them.
     def backup_path(self, device_id: int) -> Path:
         """The ledger's copy of a device's state from before the exchange it is training."""
-        return self.root / f"device_{int(device_id):05d}{_BACKUP}"
+        return self._file(device_id, _BACKUP)
 
     def mark_path(self, device_id: int) -> Path:
         """The ledger's record of that exchange."""
-        return self.root / f"device_{int(device_id):05d}.exchange"
+        return self._file(device_id, ".exchange")
 
     def load(self, device_id: int) -> dict[str, Any]:
         """The device's state, or an empty dict before its first participation."""
