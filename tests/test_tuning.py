@@ -40,6 +40,13 @@ def test_grid_points_are_the_product_in_file_order(tmp_path):
             load_grid(_grid(tmp_path, text), ["FedAvg-LoRA"])
     assert choose(grids["FedML-FedProx"], [0.7, 0.8, 0.8, None]) == 1  # the first of equal scores
     assert choose(grids["FedML-FedProx"], [None] * 4) is None
+    # Equal in exact arithmetic, unequal as floats (a tie seen on stackoverflow's validation split of 1400):
+    # still a tie, so the first point wins, not the one whose sum happened to round up.
+    first = sum([1116 / 1400, 1115 / 1400, 1122 / 1400]) / 3
+    second = sum([1119 / 1400, 1115 / 1400, 1119 / 1400]) / 3
+    assert first < second  # the rounding this guards against
+    assert choose(grids["FedML-FedProx"], [first, second, None, None]) == 0
+    assert choose(grids["FedML-FedProx"], [first, second + 1 / 4200, None, None]) == 1  # one example more
 
 
 def test_a_best_point_at_the_end_of_a_numeric_range_is_flagged_as_an_edge(tmp_path):
