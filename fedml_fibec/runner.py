@@ -24,7 +24,7 @@ from .build import build_data, build_model, load_tables
 from .config import RunConfig, dump_yaml, load_config
 from .errors import ConfigError, FibecError
 from .logs import console_error, console_print, setup_logging
-from .world import MpiWorld, check_world, grpc_world, torch_threads
+from .world import MpiWorld, check_world, grpc_world, set_cpu_float_mode, torch_threads
 
 log = logging.getLogger("fedml_fibec")
 
@@ -48,8 +48,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def run(cfg: RunConfig, tables, out_dir: Path, world, resume: bool = False) -> Optional[dict]:
     """Run this rank's part of the federated job; the server returns the summary."""
-    import torch
-
     from .core.state_store import DeviceStateStore
 
     rank, procs_here = world.rank, world.size
@@ -58,7 +56,7 @@ def run(cfg: RunConfig, tables, out_dir: Path, world, resume: bool = False) -> O
 
         table = read_ipconfig(cfg.comm_args.grpc_ipconfig_path)
         procs_here = sum(1 for e in table.values() if e.address == table[rank].address)
-    torch.set_num_threads(torch_threads(cfg, rank, procs_here))
+    set_cpu_float_mode(cfg, torch_threads(cfg, rank, procs_here))
     cache_dir = Path(os.environ["FEDML_FIBEC_CACHE"])
 
     # Rank 0 fetches/converts assets first; the others then find them cached.

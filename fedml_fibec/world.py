@@ -106,3 +106,18 @@ def torch_threads(cfg: RunConfig, rank: int, procs_here: int) -> int:
         # The server computes (evaluation) only while every client waits for the next message.
         return cores
     return max(1, cores // max(1, procs_here - 1))
+
+
+def set_cpu_float_mode(cfg: RunConfig, threads: int) -> None:
+    """This rank's CPU arithmetic: subnormal floats flushed to zero or not (device_args.flush_denormal), then
+    its torch thread count. The flush mode is a per-thread CPU flag that threads copy from the thread that
+    starts them, so it is set first, before the thread pool that set_num_threads and the first parallel
+    operation start."""
+    import torch
+
+    on = cfg.device_args.flush_denormal
+    if not torch.set_flush_denormal(on) and on:
+        logging.getLogger("fedml_fibec").warning(
+            "device_args.flush_denormal = true: this CPU cannot flush subnormal floats (no x86 DAZ); "
+            "arithmetic stays IEEE")
+    torch.set_num_threads(threads)

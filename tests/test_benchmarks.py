@@ -111,3 +111,15 @@ def test_bench_models_quick():
         assert rss == sorted(rss) and rss[1] >= r["weights_mb"]  # one process per model: its own peak
     assert summary["table"] is True and summary["failed"] == []
     assert [row["model"] for row in summary["rows"]] == list(expected_targets)
+
+
+def test_bench_subnormal_quick():
+    records = run_json(str(BENCH / "bench_subnormal.py"), "--quick")
+    if "error" in records[0]:  # a CPU without the x86 DAZ flag says so and measures nothing
+        assert len(records) == 1
+        return
+    cases = {(r["input"], r["flush_denormal"]): r for r in records}
+    assert set(cases) == {(i, f) for i in ("normal", "subnormal") for f in (False, True)}
+    # flushed, subnormal inputs read as zero; unflushed (and normal inputs either way) they do not
+    assert cases[("subnormal", True)]["zero_share"] == 1.0
+    assert cases[("subnormal", False)]["zero_share"] == 0.0 and cases[("normal", True)]["zero_share"] == 0.0

@@ -164,3 +164,26 @@ def test_eval_only_last_keeps_the_last_rounds_of_the_evaluation_schedule():
         schedule = [r for r in range(rounds) if r % every == 0 or r == rounds - 1]
         expected = schedule if last_n is None else schedule[-last_n:]
         assert [r for r in range(rounds) if is_evaluation_round(cfg, r)] == expected
+
+
+def test_flush_denormal_makes_this_process_treat_subnormal_floats_as_zero():
+    """device_args.flush_denormal sets the CPU's flush mode (and the config's thread count); off, it is IEEE."""
+    import torch
+
+    from fedml_fibec.world import set_cpu_float_mode
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU has no x86 DAZ flag")
+    tiny = torch.tensor([1e-40, 3e-39])  # below float32's smallest normal number (1.18e-38)
+    threads = torch.get_num_threads()
+    try:
+        set_cpu_float_mode(load_config(None, ["flush_denormal=true"]), 1)
+        assert torch.get_num_threads() == 1
+        assert (tiny * 2).tolist() == [0.0, 0.0]
+        assert (tiny @ torch.ones(2)).item() == 0.0
+        set_cpu_float_mode(load_config(None), threads)
+        assert (tiny * 2).tolist() == pytest.approx([2e-40, 6e-39], rel=1e-3)
+        assert (tiny @ torch.ones(2)).item() == pytest.approx(3.1e-39, rel=1e-3)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)

@@ -177,14 +177,18 @@ def test_a_finished_run_is_kept_when_asked_for_in_other_words(tmp_path):
     assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, ["worker_num=5"]))
     assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, ["learning_rate=0.001"])) is None
     assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 1)) is None  # another seed
-    # a config saved before the evaluation keys existed is the full run they default to, not a tuning run
+    # a config saved before the evaluation keys (and flush_denormal) existed is the full run they default
+    # to, not a tuning run
     older = yaml.safe_load(dump_yaml(load_config(None, made)))
     for key in ("eval_test_set", "eval_only_last"):
         del older["validation_args"][key]
+    del older["device_args"]["flush_denormal"]
     (folder / "config.yaml").write_text(yaml.safe_dump(older))
     assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, ["worker_num=5"]))
     assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0,
                                                                  list(compare.TUNING_RUN_OVERRIDES))) is None
+    assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0,
+                                                                 ["flush_denormal=true"])) is None
     (folder / "config.yaml").write_text("- not a config\n")
     assert compare.finished(folder, None, compare.run_overrides(ns, "FedAvg-LoRA", 0, ["worker_num=5"])) is None
 

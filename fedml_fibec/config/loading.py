@@ -108,9 +108,10 @@ PLACEMENT_KEYS = frozenset({
 
 
 # Keys added after runs were saved whose default does what every run before them did (the server's
-# evaluation schedule, added with tuning runs): a saved config without such a key describes the same run
-# as one with the key at its default, so runs made before it keep being reused.
-KEYS_WITH_PAST_DEFAULT = frozenset({"eval_test_set", "eval_only_last"})
+# evaluation schedule, added with tuning runs; flushing subnormal floats, off by default): a saved config
+# without such a key describes the same run as one with the key at its default, so runs made before it
+# keep being reused.
+KEYS_WITH_PAST_DEFAULT = frozenset({"eval_test_set", "eval_only_last", "flush_denormal"})
 
 
 def _past_default(section: str, key: str, value: Any, saved_section: dict[str, Any]) -> bool:
