@@ -155,8 +155,8 @@ class DeviceArgs:
     bf16: bool = option(False, "bfloat16 autocast for local training on GPU.")
     flush_denormal: bool = option(False, "CPU: treat subnormal floats as zero (x86 FTZ/DAZ, "
                                   "torch.set_flush_denormal). Faster where training makes subnormal values "
-                                  "(saturated outputs: a matrix product with them runs up to 100x slower); "
-                                  "results can differ in the last digits. No effect on GPU work.")
+                                  "(saturated outputs; a matrix product with them ran 163x slower, see "
+                                  "docs/PERFORMANCE.md); results can differ in the last digits. No effect on GPU.")
 
 
 @dataclass
