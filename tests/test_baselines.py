@@ -215,3 +215,33 @@ def test_fedml_never_takes_our_dataset_for_one_of_its_own(tiny_assets, tmp_path)
         for cls in (FedMLAggregator, FedAVGAggregator):
             me = SimpleNamespace(args=args, test_global=test_global)
             assert cls._generate_validation_set(me) is test_global
+
+
+class _Upload(dict):
+    """What a FedML client process sends the aggregator: tensors, with our device statistics attached."""
+
+    def __init__(self, stats):
+        super().__init__(w=torch.zeros(2))
+        self.stats = stats
+
+
+def test_round_record_does_not_depend_on_upload_arrival_order(tiny_assets, tmp_path):
+    from fedml_fibec.engines.simulation.aggregator import BaselineServerAggregator
+
+    cfg, args, fd, _, _ = setup(tiny_assets, tmp_path, "federated_optimizer=FedAvg")
+    model, _ = build_model(cfg)
+    # Float sums of these losses differ by order: (1 + -1) + 1e-16 = 1e-16, (1e-16 + 1) + -1 = 0.
+    stats = [{"device_id": 0, "train_loss": 1.0}, {"device_id": 3, "train_loss": -1.0},
+             {"device_id": 5, "train_loss": 1e-16}]
+    records = []
+    for order in ([0, 1, 2], [2, 0, 1]):
+        out = tmp_path / f"order{''.join(map(str, order))}"
+        agg = BaselineServerAggregator(model, args, cfg, fd.test, MetricsLog(out, "FedML-FedAvg", 1),
+                                       torch.device("cpu"))
+        for i in order:
+            agg.observe_upload(_Upload(stats[i]))
+        agg._end_round()
+        records.append(json.loads((out / "metrics.jsonl").read_text().splitlines()[0]))
+    assert records[0]["devices"] == records[1]["devices"] == [0, 3, 5]
+    # the device-order sum, exactly, whichever order the uploads came in
+    assert records[0]["train_loss"] == records[1]["train_loss"] == ((1.0 + -1.0) + 1e-16) / 3

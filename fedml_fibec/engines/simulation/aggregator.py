@@ -96,7 +96,11 @@ class BaselineServerAggregator(ServerAggregator):
         r = self.round
         evaluation = evaluate_global(self.full_model, self.cfg, self.test_set, self.validation_set, self.device,
                                      is_evaluation_round(self.cfg, r))
-        stats, self._uploads = self._uploads, []
+        # Uploads arrive in whatever order FedML's processes finish; the record's means are float sums, so
+        # they are taken in device order to make a run's log the same every time (as the cross-silo server
+        # does by rank).
+        stats = sorted(self._uploads, key=lambda s: s.get("device_id", -1))
+        self._uploads = []
         # Every participant receives the whole trainable set once per round.
         bytes_down = alg.payload_bytes(self.get_model_params()) * tr.client_num_per_round
         record = round_record(r, stats, devices=sorted(s["device_id"] for s in stats if "device_id" in s),
