@@ -103,7 +103,7 @@ class BaselineServerAggregator(ServerAggregator):
         self._uploads = []
         # Every participant receives the whole trainable set once per round.
         bytes_down = alg.payload_bytes(self.get_model_params()) * tr.client_num_per_round
-        record = round_record(r, stats, devices=sorted(s["device_id"] for s in stats if "device_id" in s),
+        record = round_record(r, stats, devices=[s["device_id"] for s in stats if "device_id" in s],
                               bytes_up=self._bytes_up, bytes_down=bytes_down, gal=list(range(self.num_blocks)))
         record.update(evaluation)
         if any("tau_eff" in s for s in stats):
