@@ -273,7 +273,7 @@ def build_report(root: Path, methods: Sequence[str], ns: argparse.Namespace, hea
         majority = {r["method"]: r.get("majority_share") for r in rows if r.get("at_majority")}
         header += "\n" + tuning_markdown(choices, ns, majority)
     write_csv(rows, root / "compare.csv")
-    write_markdown(rows, root / "compare.md", target, note, header)
+    write_markdown(rows, root / "compare.md", target, note, header, runs=runs)
     plots = plot_curves(runs, root, target)
     return {"target": target, "target_note": note, "rows": rows, "plots": [str(p) for p in plots]}
 

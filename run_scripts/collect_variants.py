@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     target, note = target_accuracy(runs, reference=[ns.reference], fraction=ns.target_fraction)
     rows = compare_rows(runs, target)
     write_csv(rows, out / "compare.csv")
-    write_markdown(rows, out / "compare.md", target, note, ns.header)
+    write_markdown(rows, out / "compare.md", target, note, ns.header, runs=runs)
     plot_curves(runs, out, target)
     print(f"wrote {out / 'compare.md'}")
     return 0

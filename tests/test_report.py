@@ -218,3 +218,50 @@ def test_a_method_without_runs_is_not_run_not_failed(comparison):
     table = markdown_table(list(rows.values()), 0.7, "given")
     assert "| FFA-LoRA | not run yet |" in table
     assert "FFA-LoRA | **failed**" not in table and "| FedML-FedNova | **failed**: seed 0: exit code 1: boom" in table
+
+
+def _reference_seed_ranks(runs, target):
+    """Slow and obvious: per seed, sort the reaching runs' seconds; a rank is where a time first appears
+    in that sorted list (ties share it); misses come after every reaching run."""
+    out = {}
+    for seed in sorted({r.seed for r in runs if r.ok}):
+        mine = [r for r in runs if r.ok and r.seed == seed]
+        times = sorted(r.reach(target)[1] for r in mine if r.reach(target) is not None)
+        for r in mine:
+            hit = r.reach(target)
+            out[(r.method, seed)] = times.index(hit[1]) + 1 if hit else len(times) + 1
+    return out
+
+
+def test_seed_ranks_rank_within_each_seed_with_ties_and_misses_last(tmp_path):
+    """Seconds-to-target ranks are taken within each seed (a seed's runs share one machine's condition):
+    ties share a rank, a run that never reaches the target comes after every run of its seed that did, and
+    a seed without a successful run of a method gives it no rank there."""
+    from fedml_fibec.report.compare import seed_ranks, seed_ranks_markdown
+
+    root = tmp_path / "cmp"
+    write_run(root, "A", 0, [0.5, 0.8], secs=10.0)       # reaches 0.7 at 20 s
+    write_run(root, "B", 0, [0.5, 0.6, 0.9], secs=5.0)   # 15 s
+    write_run(root, "C", 0, [0.5, 0.75], secs=7.5)       # 15 s: ties with B
+    write_run(root, "D", 0, [0.5, 0.6], secs=1.0)        # never: last, whatever its speed
+    write_run(root, "A", 1, [0.9], secs=10.0)            # 10 s (a slower machine would scale every run of seed 1)
+    write_run(root, "B", 1, [0.1, 0.2, 0.71], secs=10.0)  # 30 s
+    write_run(root, "C", 1, [0.6, 0.6], secs=1.0)        # never
+    write_run(root, "D", 1, [], failed="exit code 1")    # no rank at seed 1
+    runs = load_runs(root, ["A", "B", "C", "D"])
+    ranks = seed_ranks(runs, 0.7)
+    assert ranks == {"A": {0: 3, 1: 1}, "B": {0: 1, 1: 2}, "C": {0: 1, 1: 3}, "D": {0: 4, 1: None}}
+    reference = _reference_seed_ranks(runs, 0.7)
+    assert {(m, s): r for m, by_seed in ranks.items() for s, r in by_seed.items() if r is not None} == reference
+    md = seed_ranks_markdown(runs, 0.7)
+    assert "| method | seed 0 (of 4) | seed 1 (of 3) | mean rank |" in md
+    assert "| C | 1 | 3 (missed) | 2.0 ± 1.4 |" in md and "| D | 4 (missed) | - | 4.0 |" in md
+    assert seed_ranks(runs, None) == {"A": {}, "B": {}, "C": {}, "D": {}}
+
+    # compare.md carries the table with two seeds or more, and leaves it out with one (the rank table says it).
+    rows = compare_rows(runs, 0.7)
+    write_markdown(rows, tmp_path / "two.md", 0.7, "given", runs=runs)
+    assert "## Seconds to target, ranked within each seed" in (tmp_path / "two.md").read_text()
+    seed0 = [r for r in runs if r.seed == 0]
+    write_markdown(compare_rows(seed0, 0.7), tmp_path / "one.md", 0.7, "given", runs=seed0)
+    assert "ranked within each seed" not in (tmp_path / "one.md").read_text()

@@ -318,8 +318,63 @@ def ranks_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_ranks(runs: Sequence[RunResult], target: Optional[float]) -> dict[str, dict[int, Optional[int]]]:
+    """Per seed, each method's rank (1 = first) on wall seconds to target among that seed's successful runs.
+
+    Why per seed: a comparison's seeds may run in different sittings or on different machines, while one
+    seed's runs can run back to back under one condition (as the timing block runs them). Ranks within a
+    seed then compare like with like, where a mean of seconds over seeds mixes machines. Equal times share
+    a rank; a run that never reached the target ranks after every run of its seed that did (misses tie);
+    a method with no successful run at a seed has no rank there (None).
+    """
+    methods = list(dict.fromkeys(r.method for r in runs))
+    ranks: dict[str, dict[int, Optional[int]]] = {m: {} for m in methods}
+    if target is None:
+        return ranks
+    for seed in sorted({r.seed for r in runs if r.ok}):
+        hits = {r.method: r.reach(target) for r in runs if r.ok and r.seed == seed}
+        times = [hit[1] for hit in hits.values() if hit is not None]
+        for method in methods:
+            if method not in hits:
+                ranks[method][seed] = None
+            elif hits[method] is None:
+                ranks[method][seed] = len(times) + 1
+            else:
+                ranks[method][seed] = 1 + sum(1 for t in times if t < hits[method][1])
+    return ranks
+
+
+def seed_ranks_markdown(runs: Sequence[RunResult], target: Optional[float]) -> str:
+    """The per-seed rank table on seconds to target (empty with fewer than two seeds: it would repeat
+    the rank table)."""
+    ranks = seed_ranks(runs, target)
+    seeds = sorted({s for by_seed in ranks.values() for s, rank in by_seed.items() if rank is not None})
+    if len(seeds) < 2:
+        return ""
+    missed = {(r.method, r.seed) for r in runs if r.ok and r.reach(target) is None}
+    counts = {s: sum(1 for by_seed in ranks.values() if by_seed.get(s) is not None) for s in seeds}
+    lines = ["## Seconds to target, ranked within each seed", "",
+             "Each seed's runs ranked by wall seconds to target among that seed's runs (1 = first); a run "
+             "that never reached the target ranks after every run of its seed that did (marked `missed`). "
+             "A seed's runs compare with each other when they ran under one condition; seeds run in "
+             "different sittings or on different machines do not, so these ranks, not the mean seconds, "
+             "are what compares across seeds.", "",
+             "| method | " + " | ".join(f"seed {s} (of {counts[s]})" for s in seeds) + " | mean rank |",
+             "|---|" + "---|" * (len(seeds) + 1)]
+    for method, by_seed in ranks.items():
+        cells = []
+        for s in seeds:
+            rank = by_seed.get(s)
+            cells.append("-" if rank is None else f"{rank} (missed)" if (method, s) in missed else str(rank))
+        mean, std = _mean_spread([by_seed.get(s) for s in seeds])
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {_pm(mean, std, '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_markdown(rows: Sequence[dict], path: str | Path, target: Optional[float], target_note: str,
-                   header: str = "") -> None:
-    """compare.md: an optional header (command, setting) and the table."""
+                   header: str = "", runs: Sequence[RunResult] = ()) -> None:
+    """compare.md: an optional header (command, setting), the table, the ranks and, given the runs and
+    more than one seed, the ranks within each seed."""
+    per_seed = seed_ranks_markdown(runs, target)
     atomic_write_text(path, (header + "\n" if header else "") + markdown_table(rows, target, target_note) + "\n"
-                      + ranks_markdown(rows))
+                      + ranks_markdown(rows) + ("\n" + per_seed if per_seed else ""))
